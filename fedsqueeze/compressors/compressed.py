@@ -1,0 +1,179 @@
+"""What a compressor produces: the information that crosses the wire, as tensors.
+
+Each class is one kind of payload. `fedsqueeze.wire` turns them into packed bytes and back;
+`to_dense()` rebuilds the dense vector. All tensors are 1-D (or 2-D factors for `LowRank`)
+and live on the device of the compressed input; `dtype` is the dtype of that input, which
+the dense reconstruction gets back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class Compressed:
+    """Base of every payload: the length and dtype of the vector it stands for."""
+
+    numel: int
+    dtype: torch.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(Compressed):
+    """Every coordinate, in the precision of `values` (float32, float16 or bfloat16)."""
+
+    values: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        return self.values.to(self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+
+@dataclass(frozen=True, eq=False)
+class Sparse(Compressed):
+    """A support of `indices` (int64, strictly increasing, in [0, numel)) and the values there.
+
+    `values` is itself a payload over len(indices) coordinates, so a sparsifier composes with
+    any value compressor. When `seed` is set the indices are `shared_indices(seed, numel, k)`
+    and only the seed is sent.
+    """
+
+    indices: torch.Tensor
+    values: Compressed
+    seed: int | None = None
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        out[self.indices] = self.values.to_dense().to(self.dtype)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+
+@dataclass(frozen=True, eq=False)
+class Quantized(Compressed):
+    """Random dithering (QSGD): value_j = scale * (-1)^negative_j * magnitudes_j / levels.
+
+    `magnitudes` are integers in [0, levels] (int32); `negative` is a bool mask; `scale` is the
+    norm used (float32).
+    """
+
+    scale: float
+    levels: int
+    negative: torch.Tensor
+    magnitudes: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
+        values = self.magnitudes.to(torch.float32) * step.to(self.device)
+        return torch.where(self.negative, -values, values).to(self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.magnitudes.device
+
+
+# Natural compression sends powers of two. Every float32 power of two, subnormals included,
+# is 2**e with e in [-149, 127]; code = e + NATURAL_BIAS lies in [1, 277] and code 0 is zero.
+NATURAL_BIAS = 150
+NATURAL_MAX_CODE = 127 + NATURAL_BIAS
+
+
+@dataclass(frozen=True, eq=False)
+class Natural(Compressed):
+    """Natural compression: value_j = (-1)^negative_j * 2**(codes_j - NATURAL_BIAS), 0 if code 0.
+
+    `codes` is int16 in [0, NATURAL_MAX_CODE].
+    """
+
+    negative: torch.Tensor
+    codes: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        exponents = self.codes.to(torch.float32) - NATURAL_BIAS
+        values = torch.where(self.codes == 0, 0.0, torch.exp2(exponents))
+        return torch.where(self.negative, -values, values).to(self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+@dataclass(frozen=True, eq=False)
+class Sign(Compressed):
+    """value_j = scale * (-1)^negative_j (scale is float32; zero inputs count as positive)."""
+
+    scale: float
+    negative: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32, device=self.device)
+        return torch.where(self.negative, -scale, scale).to(self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.negative.device
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankBlock:
+    """The coordinates [offset, offset + rows*cols) of the vector, as the matrix p @ q.T."""
+
+    offset: int
+    rows: int
+    cols: int
+    p: torch.Tensor  # rows x rank, float32
+    q: torch.Tensor  # cols x rank, float32
+
+
+@dataclass(frozen=True, eq=False)
+class LowRank(Compressed):
+    """Low-rank factors for the matrix blocks of a model; every other coordinate in `rest`.
+
+    `rest` covers, in order, the coordinates outside all blocks (biases, small tensors).
+    """
+
+    blocks: tuple[LowRankBlock, ...]
+    rest: Compressed
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        covered = torch.zeros(self.numel, dtype=torch.bool, device=self.device)
+        for b in self.blocks:
+            size = b.rows * b.cols
+            out[b.offset : b.offset + size] = (b.p @ b.q.T).reshape(-1).to(self.dtype)
+            covered[b.offset : b.offset + size] = True
+        out[~covered] = self.rest.to_dense().to(self.dtype)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.rest.device
+
+
+def shared_indices(seed: int, numel: int, count: int) -> torch.Tensor:
+    """The sorted support that a shared-seed rand-k payload stands for.
+
+    Sender and receiver both call this, on the CPU (whose generator is the same on every
+    machine with the same torch), so only the seed crosses the wire.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(numel, generator=gen)[:count].sort().values
