@@ -33,12 +33,19 @@ class Compressed:
 
 @dataclass(frozen=True, eq=False)
 class Dense(Compressed):
-    """Every coordinate, in the precision of `values` (float32, float16 or bfloat16)."""
+    """Every coordinate: value_j = scale * values_j, `values` in float32, float16 or bfloat16.
+
+    `scale` (float32, finite, nonzero unless all values are zero) lets half precision carry
+    vectors outside its range: fp16 sends x / max|x|.
+    """
 
     values: torch.Tensor
+    scale: float = 1.0
 
     def to_dense(self) -> torch.Tensor:
-        return self.values.to(self.dtype)
+        if self.scale == 1.0:
+            return self.values.to(self.dtype)
+        return (self.values.to(torch.float32) * self.scale).to(self.dtype)
 
     @property
     def device(self) -> torch.device:
