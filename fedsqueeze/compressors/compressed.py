@@ -177,10 +177,30 @@ class LowRank(Compressed):
 
 
 def shared_indices(seed: int, numel: int, count: int) -> torch.Tensor:
-    """The sorted support that a shared-seed rand-k payload stands for.
+    """The sorted support that a shared-seed rand-k payload stands for: a uniform count-subset.
 
-    Sender and receiver both call this, on the CPU (whose generator is the same on every
-    machine with the same torch), so only the seed crosses the wire.
+    Sender and receiver both call this on the CPU (the same torch gives the same stream on every
+    machine), so only the seed crosses the wire. For count <= numel/4 it draws indices with
+    replacement in batches and keeps first occurrences (sampling without replacement, in
+    O(count log count)); otherwise it takes a prefix of a random permutation.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randperm(numel, generator=gen)[:count].sort().values
+    if count * 4 > numel:
+        return torch.randperm(numel, generator=gen)[:count].sort().values
+    draws = torch.empty(0, dtype=torch.int64)
+    distinct = torch.empty(0, dtype=torch.int64)
+    while distinct.numel() < count:
+        missing = count - distinct.numel()
+        # expected repeats among m draws are about m^2 / (2 numel); over-draw a little
+        batch = missing + missing * count // numel + 16
+        draws = torch.cat([draws, torch.randint(0, numel, (batch,), generator=gen)])
+        distinct = _first_occurrences(draws)
+    return distinct[:count].sort().values
+
+
+def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
+    """The distinct values of `draws` in the order they first appear."""
+    values, inverse = torch.unique(draws, return_inverse=True)
+    first = torch.full((values.numel(),), draws.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(draws.numel()), reduce="amin")
+    return values[first.argsort()]

@@ -1,0 +1,74 @@
+"""Dense operators that only change the precision: identity (float32), fp16, bf16."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Compressor, check_input
+from .compressed import Dense
+from .registry import register
+
+
+class _Cast(Compressor):
+    unbiased = False
+    deterministic = True
+    #: precision of the values on the wire
+    value_dtype: torch.dtype = torch.float32
+    #: bound on the relative rounding error of one value (half a unit in the last place)
+    unit_roundoff: float = 0.0
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Dense:
+        x = check_input(x)
+        return Dense(x.numel(), x.dtype, x.to(self.value_dtype))
+
+    def eta(self, d: int) -> float:
+        return self.unit_roundoff
+
+    def omega(self, d: int) -> float:
+        return 0.0
+
+    def second_moment(self, d: int) -> float:
+        return (1.0 + self.unit_roundoff) ** 2
+
+
+@register("identity")
+class Identity(_Cast):
+    """Every coordinate in float32 (exact for float32 input)."""
+
+    unbiased = True
+
+
+@register("bf16")
+class BF16(_Cast):
+    """bfloat16 values: float32's range, 8 significant bits, round to nearest."""
+
+    value_dtype = torch.bfloat16
+    # round to nearest with 8 significant bits; subnormal bf16 is float32's subnormal range,
+    # where the absolute error (<= 2**-134) is negligible beside any float32 norm
+    unit_roundoff = 2.0**-8
+
+
+@register("fp16")
+class FP16(_Cast):
+    """float16 values of x / max|x| and the float32 scale max|x|, so no value overflows."""
+
+    value_dtype = torch.float16
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Dense:
+        x = check_input(x)
+        peak = float(x.abs().max()) if x.numel() else 0.0
+        if peak == 0.0:
+            return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
+        scale = float(torch.tensor(peak, dtype=torch.float32))
+        return Dense(x.numel(), x.dtype, (x.to(torch.float32) / scale).to(torch.float16), scale)
+
+    def eta(self, d: int) -> float:
+        # normal fp16 values err by at most 2**-11 relative; values below 2**-14 (relative to
+        # max|x| <= ||x||) err by at most 2**-25 ||x|| each, sqrt(d) 2**-25 ||x|| together;
+        # the float32 division and scale add a few float32 ulps
+        return 2.0**-11 + math.sqrt(d) * 2.0**-25 + 2.0**-22
+
+    def second_moment(self, d: int) -> float:
+        return (1.0 + self.eta(d)) ** 2

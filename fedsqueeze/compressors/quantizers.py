@@ -1,0 +1,138 @@
+"""Unbiased quantisers: random dithering (QSGD) and natural compression."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .base import Compressor, CompressorError, check_input
+from .compressed import NATURAL_BIAS, Natural, Quantized
+from .randomness import device_generator, numpy_rng, uniform
+from .registry import register
+
+# Coordinates per chunk of the CPU dithering loop: a few hundred KiB, so buffers stay in cache.
+_CHUNK = 1 << 16
+
+
+def robust_norm(x: torch.Tensor, ord: float) -> float:
+    """||x|| in float32 without overflow or underflow of the squares (huge or tiny vectors)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)  # one pass; far faster than vector_norm(ord=inf) on the CPU
+    peak = max(-float(lo), float(hi))
+    if ord == math.inf or peak == 0.0:
+        return peak
+    if 1e-15 < peak < 1e15:
+        return float(torch.linalg.vector_norm(x, ord=ord))
+    return peak * float(torch.linalg.vector_norm(x / peak, ord=ord))
+
+
+@register("qsgd")
+class QSGD(Compressor):
+    """Random dithering with s levels (Alistarh et al. 2017): ||x|| sign(x_j) xi_j / s.
+
+    xi_j rounds s|x_j|/||x|| up or down at random so that E[C(x)] = x. With norm="linf" the
+    scale is max|x| (finer levels for the same s). U(omega) with
+    omega = min(d / (4 s^2), sqrt(d) / s): per coordinate the variance is (scale/s)^2 p(1 - p)
+    with p the rounding probability, and p(1 - p) <= min(1/4, p); scale <= ||x||_2 for both
+    norms. The QSGD paper states min(d/s^2, sqrt(d)/s), which this bound implies.
+    """
+
+    unbiased = True
+
+    def __init__(self, levels: int = 16, norm: str = "l2"):
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 2**16:
+            raise CompressorError(f"qsgd: levels must be an integer in [1, 65536], got {levels!r}")
+        if norm not in ("l2", "linf"):
+            raise CompressorError(f"qsgd: norm must be one of l2, linf; got {norm!r}")
+        self.levels = levels
+        self.norm = norm
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Quantized:
+        x = check_input(x)
+        d = x.numel()
+        scale = float(np.float32(robust_norm(x, 2.0 if self.norm == "l2" else math.inf)))
+        mag_dtype = torch.uint8 if self.levels < 256 else torch.int32
+        if x.device.type == "cpu" and d > 0:
+            negative, magnitudes = self._dither_cpu(x, scale, generator, mag_dtype)
+        else:
+            negative = x < 0
+            y = x.abs().to(torch.float32) * (self.levels / scale if scale > 0 else 0.0)
+            u = torch.rand(d, generator=device_generator(generator, x.device), device=x.device)
+            magnitudes = self._round(y, u).to(mag_dtype)
+        return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes)
+
+    def _round(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        low = torch.floor(y)
+        return torch.clamp_max(low + (u < y - low), self.levels)
+
+    def _dither_cpu(self, x: torch.Tensor, scale: float, generator, mag_dtype):
+        """(negative, magnitudes), in cache-sized chunks: one pass over x, no large temporaries."""
+        rng = numpy_rng(generator)
+        xs = x.detach().to(torch.float32).numpy()
+        negative = np.empty(xs.size, dtype=bool)
+        out = np.empty(xs.size, dtype=np.uint8 if mag_dtype == torch.uint8 else np.int32)
+        y = np.empty(min(_CHUNK, xs.size), dtype=np.float32)
+        low, u, up = np.empty_like(y), np.empty_like(y), np.empty(y.size, dtype=bool)
+        factor = np.float32(self.levels / scale) if scale > 0 else np.float32(0.0)
+        for start in range(0, xs.size, _CHUNK):
+            n = min(_CHUNK, xs.size - start)
+            chunk, yv, lv, uv, upv = xs[start : start + n], y[:n], low[:n], u[:n], up[:n]
+            np.signbit(chunk, out=negative[start : start + n])  # -0.0 too: it decodes to 0
+            np.abs(chunk, out=yv)
+            np.multiply(yv, factor, out=yv)
+            np.floor(yv, out=lv)
+            np.subtract(yv, lv, out=yv)  # yv is now the probability of rounding up
+            rng.random(n, dtype=np.float32, out=uv)
+            np.less(uv, yv, out=upv)
+            np.add(lv, upv, out=lv)
+            np.minimum(lv, self.levels, out=lv)
+            out[start : start + n] = lv
+        return torch.from_numpy(negative), torch.from_numpy(out)
+
+    def eta(self, d: int) -> float:
+        return 0.0
+
+    def omega(self, d: int) -> float:
+        s = self.levels
+        return min(d / (4.0 * s * s), math.sqrt(d) / s)
+
+    def second_moment(self, d: int) -> float:
+        return 1.0 + self.omega(d)
+
+    def arguments(self) -> dict:
+        return {"levels": self.levels, "norm": self.norm}
+
+
+@register("natural")
+class NaturalCompression(Compressor):
+    """Unbiased stochastic rounding of every value to a power of two (Horvath et al. 2019).
+
+    |x_j| in [2^e, 2^(e+1)) becomes 2^(e+1) with probability |x_j|/2^e - 1, else 2^e. U(1/8).
+    Values of magnitude >= 2^127 round down (float32 has no 2^128); that corner is biased.
+    """
+
+    unbiased = True
+
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Natural:
+        x = check_input(x)
+        xf = x.to(torch.float32)
+        mantissa, exponent = torch.frexp(xf)  # |x| = |mantissa| 2^exponent, |mantissa| in [0.5, 1)
+        p_up = 2.0 * mantissa.abs() - 1.0
+        u = uniform(xf.numel(), generator, xf.device)
+        e = exponent.to(torch.int32) - 1 + (u < p_up).to(torch.int32)
+        codes = torch.clamp(e + NATURAL_BIAS, max=127 + NATURAL_BIAS)
+        codes = torch.where(xf == 0, 0, codes).to(torch.int16)
+        return Natural(x.numel(), x.dtype, xf < 0, codes)
+
+    def eta(self, d: int) -> float:
+        return 0.0
+
+    def omega(self, d: int) -> float:
+        return 1.0 / 8.0
+
+    def second_moment(self, d: int) -> float:
+        return 1.0 + 1.0 / 8.0
+
