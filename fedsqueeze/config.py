@@ -1,0 +1,501 @@
+"""The run configuration: one typed object, resolved from defaults, a TOML file and overrides.
+
+Keys use dashes, as in the TOML file, `--set key=value` and Flower's run_config:
+
+    name, task, partition, num-clients, cohort-size, rounds, local-steps, local-epochs, lr,
+    batch-size, algorithm, compressor, downlink, dense-below, rules, seed, round-timeout,
+    min-replies, target-accuracy, out-dir
+
+`resolve(path, overrides)` is the one entry point; anything a user can get wrong raises
+`ConfigError` naming the key, the value and the valid choices, before a run starts.
+`Config.to_run_config()` and `Config.from_run_config()` convert to and from Flower's flat
+run_config (int/float/bool/str values), so the ServerApp and every ClientApp read the same config.
+
+Per-tensor compression: a tensor whose name matches a rule's glob pattern (first match wins)
+is compressed on its own with that rule's spec; otherwise a tensor with fewer than
+`dense-below` elements is sent dense; every other tensor is compressed with `compressor`,
+all of them together as one vector (one spec for the whole model is the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, installed with flwr
+    import tomli as tomllib
+
+DENSE_SPEC = "identity"
+NO_DOWNLINK = "none"
+ALGORITHMS = ("fedavg",)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key and the valid choices."""
+
+    def __init__(self, key: str, value: Any, reason: str, choices: str | Iterable[str] | None = None) -> None:
+        self.key = key
+        self.value = value
+        self.reason = reason
+        if choices is not None and not isinstance(choices, str):
+            choices = ", ".join(str(c) for c in choices)
+        self.choices = choices
+        message = f"config key {key!r} = {value!r}: {reason}"
+        if choices:
+            message += f" (valid: {choices})"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Tensors whose name matches the glob `pattern` are compressed with `spec`, one tensor per payload."""
+
+    pattern: str
+    spec: str
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.spec}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved, validated run configuration (construct it with `resolve` or `Config.from_run_config`)."""
+
+    name: str = "default"
+    task: str = "digits-mlp"
+    partition: str = "dirichlet(0.3)"
+    num_clients: int = 20
+    #: a count of clients (int) or a fraction of all clients (float in (0, 1])
+    cohort_size: int | float = 1.0
+    rounds: int = 30
+    #: local SGD steps per round (ignored, and resolved to 0, when `local_epochs` > 0)
+    local_steps: int = 10
+    #: local epochs per round (> 0 replaces `local_steps`)
+    local_epochs: float = 0.0
+    lr: float = 0.05
+    #: mini-batch size; 0 uses the client's whole training split (full-batch gradient)
+    batch_size: int = 32
+    algorithm: str = "fedavg"
+    #: uplink compressor spec for every tensor no rule or size threshold takes
+    compressor: str = "identity"
+    #: broadcast compressor spec, or "none" for the exact float32 model
+    downlink: str = NO_DOWNLINK
+    #: tensors with fewer elements than this are sent dense
+    dense_below: int = 0
+    rules: tuple[TensorRule, ...] = ()
+    seed: int = 0
+    #: seconds the server waits for the replies of a round
+    round_timeout: float = 600.0
+    #: fewest valid replies that make a round count; fewer skip it
+    min_replies: int = 1
+    #: accuracy for "bytes to reach target" in the summary; 0 disables it
+    target_accuracy: float = 0.9
+    out_dir: str = "runs"
+
+    # ---- derived values --------------------------------------------------------------------
+    def cohort_count(self) -> int:
+        """How many clients are sampled per round."""
+        if isinstance(self.cohort_size, float):
+            return max(1, math.ceil(self.cohort_size * self.num_clients - 1e-9))
+        return self.cohort_size
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def spec_for(self, name: str, numel: int) -> tuple[str, TensorRule | None]:
+        """The uplink spec for one tensor, and the rule that chose it (None: size or default)."""
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.spec, rule
+        if numel < self.dense_below:
+            return DENSE_SPEC, None
+        return self.compressor, None
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (field names with underscores), validated again."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self, check_specs: bool = True) -> None:
+        """Raise ConfigError for the first value that cannot be used."""
+        _check_name(self.name)
+        for key in ("task", "partition", "out-dir"):
+            if not getattr(self, _attr(key)).strip():
+                raise ConfigError(key, getattr(self, _attr(key)), "must not be empty")
+        _positive_int("num-clients", self.num_clients)
+        if isinstance(self.cohort_size, float):
+            if not 0.0 < self.cohort_size <= 1.0:
+                raise ConfigError(
+                    "cohort-size", self.cohort_size, "a fraction must be in (0, 1]", "an integer count or a fraction"
+                )
+        else:
+            _positive_int("cohort-size", self.cohort_size)
+            if self.cohort_size > self.num_clients:
+                raise ConfigError(
+                    "cohort-size",
+                    self.cohort_size,
+                    f"more than num-clients = {self.num_clients}",
+                    f"1..{self.num_clients} or a fraction in (0, 1]",
+                )
+        _positive_int("rounds", self.rounds)
+        _non_negative_int("local-steps", self.local_steps)
+        _finite("local-epochs", self.local_epochs, lower=0.0)
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("local-steps", 0, "no local training: local-epochs is 0 too", "an integer >= 1")
+        _finite("lr", self.lr, lower=0.0, strict=True)
+        _non_negative_int("batch-size", self.batch_size)
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", self.algorithm, "unknown algorithm", ALGORITHMS)
+        _non_negative_int("dense-below", self.dense_below)
+        _non_negative_int("seed", self.seed)
+        _finite("round-timeout", self.round_timeout, lower=0.0, strict=True)
+        _positive_int("min-replies", self.min_replies)
+        if self.min_replies > self.cohort_count():
+            raise ConfigError(
+                "min-replies",
+                self.min_replies,
+                f"more than the {self.cohort_count()} clients sampled per round",
+                f"1..{self.cohort_count()}",
+            )
+        _finite("target-accuracy", self.target_accuracy, lower=0.0)
+        if self.target_accuracy > 1.0:
+            raise ConfigError("target-accuracy", self.target_accuracy, "an accuracy is at most 1", "0 (off) to 1")
+        if check_specs:
+            check_spec("compressor", self.compressor)
+            if self.downlink != NO_DOWNLINK:
+                check_spec("downlink", self.downlink, extra_choice=NO_DOWNLINK)
+            for rule in self.rules:
+                check_spec("rules", rule.spec, shown=str(rule))
+        _check_task(self)
+
+    # ---- Flower's run_config ---------------------------------------------------------------
+    def to_run_config(self) -> dict[str, int | float | bool | str]:
+        """The flat dict Flower carries as run_config (also what config.toml holds)."""
+        out: dict[str, int | float | bool | str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "rules":
+                value = format_rules(value)
+            out[_key(f.name)] = value
+        return out
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], check_specs: bool = True) -> Config:
+        """The config a ServerApp or ClientApp receives (defaults fill keys Flower did not send)."""
+        return resolve(overrides=dict(run_config), check_specs=check_specs)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML; `resolve(path)` reads it back to an equal Config."""
+        lines = []
+        for key, value in self.to_run_config().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+# ---- resolution --------------------------------------------------------------------------------
+
+
+def keys() -> list[str]:
+    """Every valid configuration key, in the documented order."""
+    return [_key(f.name) for f in dataclasses.fields(Config)]
+
+
+def resolve(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    check_specs: bool = True,
+) -> Config:
+    """Defaults, then the TOML file at `path`, then `overrides` (a mapping or `key=value` strings)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_toml(path))
+    if overrides is not None:
+        if isinstance(overrides, Mapping):
+            values.update(_normalise_keys(overrides))
+        else:
+            values.update(parse_overrides(overrides))
+    return build(values, check_specs=check_specs)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The key/value pairs of a config file (top-level keys; rules may also be a list)."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(_key(key), value, "tables are not config values; write keys at the top level", keys())
+    return _normalise_keys(data)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings (as given to --set) to a dict; values are read per key type later."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, item, "an override must look like key=value", keys())
+        out.update(_normalise_keys({key.strip(): _Raw(value.strip())}))
+    return out
+
+
+def build(values: Mapping[str, Any], check_specs: bool = True) -> Config:
+    """A validated Config from key -> value (typed values, or raw strings from the command line)."""
+    known = set(keys())
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(key, _plain(value), "unknown key", keys())
+        kwargs[_attr(key)] = _PARSERS[key](key, value)
+    # local-epochs > 0 takes precedence: Flower's run_config always carries both keys
+    if kwargs.get("local_epochs", 0.0) > 0:
+        kwargs["local_steps"] = 0
+    cfg = Config(**kwargs)
+    cfg.validate(check_specs=check_specs)
+    return cfg
+
+
+# ---- rules ---------------------------------------------------------------------------------
+
+
+def format_rules(rules: Iterable[TensorRule]) -> str:
+    """Rules as one string, `pattern=spec; pattern=spec` (the run_config form)."""
+    return "; ".join(str(r) for r in rules)
+
+
+def parse_rules(key: str, value: Any) -> tuple[TensorRule, ...]:
+    """Rules from `"pat=spec; pat=spec"`, a list of such strings, or a list of {pattern, spec} tables."""
+    if isinstance(value, str):
+        items: list[Any] = [s for s in (part.strip() for part in value.split(";")) if s]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(key, value, "expected a string or a list", 'rules = "fc*.weight=topk(0.01); *.bias=identity"')
+    rules = []
+    for item in items:
+        if isinstance(item, TensorRule):
+            rules.append(item)
+            continue
+        if isinstance(item, Mapping):
+            extra = set(item) - {"pattern", "spec"}
+            if extra or "pattern" not in item or "spec" not in item:
+                raise ConfigError(key, dict(item), "a rule table has exactly the keys pattern and spec")
+            pattern, spec = item["pattern"], item["spec"]
+        elif isinstance(item, str):
+            pattern, sep, spec = item.partition("=")
+            if not sep:
+                raise ConfigError(key, item, "a rule must look like pattern=spec", "e.g. *.bias=identity")
+        else:
+            raise ConfigError(key, item, "a rule is a 'pattern=spec' string or a {pattern, spec} table")
+        if not isinstance(pattern, str) or not isinstance(spec, str) or not pattern.strip() or not spec.strip():
+            raise ConfigError(key, item, "a rule needs a non-empty pattern and spec")
+        rules.append(TensorRule(pattern.strip(), spec.strip()))
+    return tuple(rules)
+
+
+def check_spec(key: str, spec: str, shown: str | None = None, extra_choice: str | None = None) -> None:
+    """Build the compressor once so a bad spec fails before the run starts."""
+    try:
+        from fedsqueeze.compressors import build as build_compressor
+        from fedsqueeze.compressors.base import CompressorError
+    except ImportError:  # the operator library is not installed yet: the run will fail at first use
+        return
+    try:
+        try:
+            build_compressor(spec)
+        except CompressorError as exc:
+            if "layout" not in str(exc):
+                raise
+            # operators on matrices (powersgd) need the model layout: check the arguments on a stand-in
+            build_compressor(spec, layout=[(4, 4), (4,)])
+    except CompressorError as exc:
+        try:
+            from fedsqueeze.compressors import available
+
+            names = available()
+        except ImportError:
+            names = []
+        if extra_choice:
+            names = [extra_choice, *names]
+        # the compressor library's message may already list the names
+        choices = names if extra_choice or "valid" not in str(exc) else None
+        raise ConfigError(key, shown or spec, str(exc), choices) from None
+
+
+def _check_task(cfg: Config) -> None:
+    """Let the task library reject unknown task and partition names, when it offers a check."""
+    try:
+        from fedsqueeze import tasks
+    except ImportError:
+        return
+    check = getattr(tasks, "check_config", None)
+    if check is None:
+        return
+    try:
+        check(cfg.task, cfg.partition, cfg.num_clients)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        key = "partition" if "partition" in str(exc).lower() and "task" not in str(exc).lower() else "task"
+        raise ConfigError(key, getattr(cfg, key), str(exc)) from None
+
+
+# ---- value parsers -----------------------------------------------------------------------------
+
+
+class _Raw(str):
+    """A value typed on the command line: parsed according to the key's type."""
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, _Raw) else value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def _parse_str(key: str, value: Any) -> str:
+    if isinstance(value, _Raw):
+        return _unquote(str(value))
+    if not isinstance(value, str):
+        raise ConfigError(key, value, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_int(key: str, value: Any) -> int:
+    if isinstance(value, _Raw):
+        try:
+            return int(_unquote(value))
+        except ValueError:
+            raise ConfigError(key, str(value), "expected an integer") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, value, f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _parse_float(key: str, value: Any) -> float:
+    if isinstance(value, _Raw):
+        try:
+            return float(_unquote(value))
+        except ValueError:
+            raise ConfigError(key, str(value), "expected a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _parse_count_or_fraction(key: str, value: Any) -> int | float:
+    """An int is a count, a float a fraction ("10" -> 10 clients, "0.5" or "1.0" -> a fraction)."""
+    if isinstance(value, _Raw):
+        text = _unquote(value)
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(key, str(value), "expected a count or a fraction", "e.g. 10 or 0.5") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, f"expected a count or a fraction, got {type(value).__name__}", "e.g. 10 or 0.5")
+    return value
+
+
+def _parse_spec_or_none(key: str, value: Any) -> str:
+    text = _parse_str(key, value).strip()
+    return NO_DOWNLINK if text.lower() in ("", "none", "dense") else text
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "name": _parse_str,
+    "task": _parse_str,
+    "partition": _parse_str,
+    "num-clients": _parse_int,
+    "cohort-size": _parse_count_or_fraction,
+    "rounds": _parse_int,
+    "local-steps": _parse_int,
+    "local-epochs": _parse_float,
+    "lr": _parse_float,
+    "batch-size": _parse_int,
+    "algorithm": _parse_str,
+    "compressor": lambda k, v: _parse_str(k, v).strip(),
+    "downlink": _parse_spec_or_none,
+    "dense-below": _parse_int,
+    "rules": lambda k, v: parse_rules(k, _unquote(v) if isinstance(v, _Raw) else v),
+    "seed": _parse_int,
+    "round-timeout": _parse_float,
+    "min-replies": _parse_int,
+    "target-accuracy": _parse_float,
+    "out-dir": _parse_str,
+}
+
+
+def _positive_int(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(key, value, "must be at least 1", "an integer >= 1")
+
+
+def _non_negative_int(key: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(key, value, "must not be negative", "an integer >= 0")
+
+
+def _finite(key: str, value: float, lower: float, strict: bool = False) -> None:
+    if not math.isfinite(value) or value < lower or (strict and value == lower):
+        bound = f"> {lower:g}" if strict else f">= {lower:g}"
+        raise ConfigError(key, value, f"must be a finite number {bound}", f"a number {bound}")
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise ConfigError("name", name, "a run name is one directory name", "letters, digits, '-', '_', '.'")
+
+
+def _key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _normalise_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k).strip().replace("_", "-"): v for k, v in values.items()}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+# Defaults of the dataclass, as run_config values (pyproject's [tool.flwr.app.config] holds these).
+DEFAULTS = Config().to_run_config()
