@@ -29,9 +29,7 @@ class PowerSGD(Compressor):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise CompressorError(f"powersgd: rank must be a positive integer, got {rank!r}")
         if layout is None:
-            raise CompressorError(
-                "powersgd needs the tensor layout of the model: build(spec, layout=[shape, ...])"
-            )
+            raise CompressorError("powersgd needs the tensor layout of the model: build(spec, layout=[shape, ...])")
         self.rank = rank
         self.layout = [tuple(int(n) for n in shape) for shape in layout]
         self.numel = sum(math.prod(shape) for shape in self.layout)

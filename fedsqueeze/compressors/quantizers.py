@@ -135,4 +135,3 @@ class NaturalCompression(Compressor):
 
     def second_moment(self, d: int) -> float:
         return 1.0 + 1.0 / 8.0
-

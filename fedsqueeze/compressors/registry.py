@@ -109,9 +109,7 @@ def _parse_stage(node: ast.expr, spec: str) -> tuple[str, list[Any], dict[str, A
                 raise CompressorError(f"'**' is not allowed in compressor spec {spec!r}")
             kwargs[kw.arg] = _literal(kw.value, spec)
         return node.func.id, args, kwargs
-    raise CompressorError(
-        f"cannot read {ast.unparse(node)!r} in compressor spec {spec!r}: expected name or name(args)"
-    )
+    raise CompressorError(f"cannot read {ast.unparse(node)!r} in compressor spec {spec!r}: expected name or name(args)")
 
 
 def _literal(node: ast.expr, spec: str) -> Any:
@@ -120,7 +118,9 @@ def _literal(node: ast.expr, spec: str) -> Any:
     try:
         value = ast.literal_eval(node)
     except ValueError:
-        raise CompressorError(f"argument {ast.unparse(node)!r} in {spec!r} is not a number, true/false or a word") from None
+        raise CompressorError(
+            f"argument {ast.unparse(node)!r} in {spec!r} is not a number, true/false or a word"
+        ) from None
     if not isinstance(value, (int, float, str, bool)):
         raise CompressorError(f"argument {ast.unparse(node)!r} in {spec!r} is not a number, true/false or a word")
     return value

@@ -1,0 +1,205 @@
+"""The compressor API: specs, errors, registration, determinism, dtypes and devices."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fedsqueeze.compressors import (
+    Compressor,
+    CompressorError,
+    Sparse,
+    available,
+    build,
+    register,
+    registry,
+    shared_indices,
+)
+
+ALL_SPECS = [
+    "identity", "fp16", "bf16", "topk(0.1)", "topk(k=4)", "randk(0.2)", "randk(0.2, scaled=false)",
+    "bernoulli(0.3)", "qsgd(levels=4)", "qsgd(levels=300, norm=linf)", "natural", "sign", "scaled_sign",
+    "topk(0.5) | randk(0.5)", "topk(0.2) | qsgd(levels=16)", "randk(0.3) | fp16", "topk(0.5) | bernoulli(0.5) | bf16",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_spec_round_trips_through_its_canonical_form(spec: str):
+    c = build(spec)
+    again = build(c.spec)
+    assert again.spec == c.spec
+    x = torch.randn(64)
+    assert torch.equal(c(x, torch.Generator().manual_seed(3)), again(x, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_deterministic_for_a_given_generator(spec: str):
+    x = torch.randn(500)
+    a = build(spec).compress(x, torch.Generator().manual_seed(7))
+    b = build(spec).compress(x, torch.Generator().manual_seed(7))
+    assert torch.equal(a.to_dense(), b.to_dense())
+    if not build(spec).deterministic:
+        c = build(spec).compress(x, torch.Generator().manual_seed(8))
+        assert not torch.equal(a.to_dense(), c.to_dense())
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_output_has_the_input_dtype_and_shape(spec: str, dtype: torch.dtype):
+    x = torch.randn(100).to(dtype)
+    y = build(spec)(x, torch.Generator().manual_seed(0))
+    assert y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nonsense", "valid names: bernoulli, bf16"),
+        ("topk(0)", "ratio must be in (0, 1]"),
+        ("topk(1.5)", "ratio must be in (0, 1]"),
+        ("randk(-0.1)", "ratio must be in (0, 1]"),
+        ("topk(ratio=0.1, k=3)", "exactly one of ratio or k"),
+        ("topk(k=0)", "positive integer"),
+        ("qsgd(levels=0)", "levels must be"),
+        ("qsgd(norm=l1)", "norm must be one of l2, linf"),
+        ("bernoulli(p=2)", "p must be in (0, 1]"),
+        ("topk(0.1, colour=3)", "valid arguments: ratio, k"),
+        ("qsgd(levels=4) | topk(0.1)", "cannot come before '|'"),
+        ("topk(0.1) ||", "cannot parse"),
+        ("topk(0.1) + qsgd", "expected name or name(args)"),
+        ("topk([1, 2])", "not a number"),
+        ("", "empty compressor spec"),
+        ("powersgd(rank=2)", "needs the tensor layout"),
+        ("randk(0.1, scaled=maybe)", "scaled must be true or false"),
+    ],
+)
+def test_bad_specs_raise_clear_errors(spec: str, message: str):
+    with pytest.raises(CompressorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        build(spec)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.tensor([1.0, float("nan")]), "non-finite"),
+        (torch.tensor([float("inf"), 1.0]), "non-finite"),
+        (torch.tensor([1, 2, 3]), "expected a float tensor"),
+        (torch.zeros(3, 3), "expected a 1-D tensor"),
+        ([1.0, 2.0], "expected a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(x, message: str):
+    for spec in ["identity", "topk(0.5)", "qsgd(levels=4)", "natural", "scaled_sign", "topk(0.5) | qsgd(levels=2)"]:
+        with pytest.raises(CompressorError, match=message):
+            build(spec).compress(x, torch.Generator().manual_seed(0))
+
+
+def test_k_larger_than_dimension_is_an_error():
+    with pytest.raises(CompressorError, match="k=20 is larger than the dimension d=10"):
+        build("topk(k=20)").compress(torch.randn(10))
+    with pytest.raises(CompressorError, match="larger than the dimension"):
+        build("randk(k=20)").compress(torch.randn(10))
+
+
+def test_randk_sends_a_seed_that_reproduces_its_support():
+    c = build("randk(k=50)").compress(torch.randn(10_000), torch.Generator().manual_seed(1))
+    assert isinstance(c, Sparse) and c.seed is not None
+    assert torch.equal(shared_indices(c.seed, 10_000, 50), c.indices)
+
+
+def test_shared_indices_are_a_uniform_subset():
+    counts = torch.zeros(12)
+    trials = 6000
+    for seed in range(trials):
+        idx = shared_indices(seed, 12, 2)
+        assert idx.unique().numel() == 2 and bool((idx[1:] > idx[:-1]).all())
+        counts[idx] += 1
+    expected = trials * 2 / 12
+    # each count is Binomial(trials, 1/6): sd = sqrt(trials p (1-p))
+    sd = (trials * (1 / 6) * (5 / 6)) ** 0.5
+    assert float((counts - expected).abs().max()) <= 5 * sd
+    big = shared_indices(3, 1_000_000, 5000)
+    assert big.numel() == 5000 and big.unique().numel() == 5000 and int(big.max()) < 1_000_000
+
+
+def test_composed_sparsifiers_send_one_flat_support():
+    x = torch.randn(1000)
+    c = build("topk(k=100) | randk(k=10)").compress(x, torch.Generator().manual_seed(0))
+    assert isinstance(c, Sparse) and c.indices.numel() == 10 and c.seed is None
+    kept = torch.topk(x.abs(), 100).indices
+    assert set(c.indices.tolist()) <= set(kept.tolist())
+    assert torch.allclose(c.to_dense()[c.indices], x[c.indices] * 10)
+
+
+def test_register_a_user_compressor_by_decorator(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register("halve")
+    class Halve(Compressor):
+        deterministic = True
+
+        def compress(self, x, generator=None):
+            return build("identity").compress(x * 0.5)
+
+        def eta(self, d):
+            return 0.5
+
+        def omega(self, d):
+            return 0.0
+
+        def second_moment(self, d):
+            return 0.25
+
+    assert "halve" in available()
+    c = build("topk(k=2) | halve")
+    assert torch.equal(c(torch.tensor([4.0, -1.0, 2.0])), torch.tensor([2.0, 0.0, 1.0]))
+    assert c.eta(3) == pytest.approx((1 / 3) ** 0.5 + 0.5)
+    with pytest.raises(CompressorError, match="already registered"):
+        register("halve")(type("Other", (Halve,), {}))
+
+
+def test_register_a_user_compressor_by_entry_point(tmp_path, monkeypatch):
+    (tmp_path / "mycodec.py").write_text(
+        textwrap.dedent(
+            """
+            from fedsqueeze.compressors.precision import Identity
+
+            class Doubled(Identity):
+                def compress(self, x, generator=None):
+                    return super().compress(x * 2)
+            """
+        )
+    )
+    dist = tmp_path / "mycodec-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mycodec\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[fedsqueeze.compressors]\ndoubled = mycodec:Doubled\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert "doubled" in available()
+        assert torch.equal(build("doubled")(torch.tensor([1.5])), torch.tensor([3.0]))
+    finally:
+        sys.modules.pop("mycodec", None)
+
+
+def test_factory_returning_a_non_compressor_is_rejected(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register("broken")(lambda: 42)
+    with pytest.raises(CompressorError, match="returned int, not a Compressor"):
+        build("broken")
+
+
+def test_powersgd_checks_layout_and_warm_start():
+    c = build("powersgd(rank=1)", layout=[(8, 6), (8,)])
+    with pytest.raises(CompressorError, match="layout"):
+        c.compress(torch.randn(10))
+    other = build("powersgd(rank=2)", layout=[(8, 6), (8,)]).compress(torch.randn(56))
+    with pytest.raises(CompressorError, match="warm start"):
+        c.compress(torch.randn(56), warm_start=other)
+    with pytest.raises(CompressorError, match="layout comes from the model"):
+        build("powersgd(rank=1, layout=3)", layout=[(8, 6)])
