@@ -19,8 +19,11 @@ all of them together as one vector (one spec for the whole model is the default)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
+import functools
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +38,8 @@ else:  # Python 3.10: the same parser, installed with flwr
 
 DENSE_SPEC = "identity"
 NO_DOWNLINK = "none"
-ALGORITHMS = ("fedavg",)
+#: partition value meaning "the task's own default" (iid, contiguous or natural)
+DEFAULT_PARTITION = "default"
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,7 @@ class Config:
 
     name: str = "default"
     task: str = "digits-mlp"
+    #: a partition spec (iid, dirichlet(alpha), shards(classes), contiguous, natural) or "default" (the task's)
     partition: str = "dirichlet(0.3)"
     num_clients: int = 20
     #: a count of clients (int) or a fraction of all clients (float in (0, 1])
@@ -109,6 +114,13 @@ class Config:
         if isinstance(self.cohort_size, float):
             return max(1, math.ceil(self.cohort_size * self.num_clients - 1e-9))
         return self.cohort_size
+
+    def task_name_and_options(self) -> tuple[str, dict[str, Any]]:
+        return parse_task(self.task)
+
+    def partition_or_none(self) -> str | None:
+        """The partition spec, or None for the task's default."""
+        return None if self.partition == DEFAULT_PARTITION else self.partition
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
@@ -157,8 +169,9 @@ class Config:
             raise ConfigError("local-steps", 0, "no local training: local-epochs is 0 too", "an integer >= 1")
         _finite("lr", self.lr, lower=0.0, strict=True)
         _non_negative_int("batch-size", self.batch_size)
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError("algorithm", self.algorithm, "unknown algorithm", ALGORITHMS)
+        algorithms = _algorithm_names()
+        if self.algorithm not in algorithms:
+            raise ConfigError("algorithm", self.algorithm, "unknown algorithm", algorithms)
         _non_negative_int("dense-below", self.dense_below)
         _non_negative_int("seed", self.seed)
         _finite("round-timeout", self.round_timeout, lower=0.0, strict=True)
@@ -273,6 +286,38 @@ def build(values: Mapping[str, Any], check_specs: bool = True) -> Config:
     return cfg
 
 
+# ---- the task a config names -------------------------------------------------------------
+
+
+def build_task(cfg: Config) -> Any:
+    """The `fedsqueeze.tasks.Task` of a config (built once per process, then shared).
+
+    Server and clients build the same task from the same config, so every client finds its
+    partition and the server its test set; a TaskError (for example a missing data file)
+    becomes a ConfigError.
+    """
+    return _build_task_cached(cfg.task, cfg.num_clients, cfg.partition, cfg.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_task_cached(task: str, num_clients: int, partition: str, seed: int) -> Any:
+    from fedsqueeze.tasks import TaskError
+    from fedsqueeze.tasks import build_task as _build
+
+    name, options = parse_task(task)
+    try:
+        return _build(
+            name,
+            num_clients=num_clients,
+            partition=None if partition == DEFAULT_PARTITION else partition,
+            seed=seed,
+            **options,
+        )
+    except TaskError as exc:
+        key = "partition" if "partition" in str(exc) else "task"
+        raise ConfigError(key, task if key == "task" else partition, str(exc)) from None
+
+
 # ---- rules ---------------------------------------------------------------------------------
 
 
@@ -340,22 +385,85 @@ def check_spec(key: str, spec: str, shown: str | None = None, extra_choice: str 
         raise ConfigError(key, shown or spec, str(exc), choices) from None
 
 
-def _check_task(cfg: Config) -> None:
-    """Let the task library reject unknown task and partition names, when it offers a check."""
+def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
+    """A task spec, `name` or `name(option=value, ...)`, to (name, options).
+
+    The name is a built-in task ("digits-mlp") or a user's "package.module:function"; option values
+    are numbers, true/false, quoted strings or bare words, e.g. `libsvm-logreg(path="a9a.txt", reg=0.1)`.
+    """
+    text = spec.strip()
+    name, paren, rest = text.partition("(")
+    name = name.strip()
+    if not name:
+        raise ConfigError("task", spec, "no task name", _task_names())
+    if not paren:
+        return name, {}
+    if not rest.rstrip().endswith(")"):
+        raise ConfigError("task", spec, "unbalanced parentheses", 'e.g. libsvm-logreg(path="data.txt")')
     try:
-        from fedsqueeze import tasks
+        call = ast.parse(f"f({rest}", mode="eval").body
+    except SyntaxError as exc:
+        raise ConfigError("task", spec, f"cannot read the options: {exc.msg}") from None
+    assert isinstance(call, ast.Call)
+    if call.args:
+        raise ConfigError("task", spec, "task options are named: name(option=value, ...)")
+    options: dict[str, Any] = {}
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise ConfigError("task", spec, "'**' is not allowed in a task spec")
+        node = kw.value
+        if isinstance(node, ast.Name):
+            value: Any = {"true": True, "false": False}.get(node.id.lower(), node.id)
+        else:
+            try:
+                value = ast.literal_eval(node)
+            except ValueError:
+                raise ConfigError("task", spec, f"option {kw.arg} is not a number, string or true/false") from None
+            if isinstance(value, list):
+                value = tuple(value)
+        options[kw.arg] = value
+    return name, options
+
+
+def _algorithm_names() -> list[str]:
+    from fedsqueeze.algorithms import available
+
+    return available()
+
+
+def _task_names() -> list[str]:
+    try:
+        from fedsqueeze.tasks import available_tasks
     except ImportError:
-        return
-    check = getattr(tasks, "check_config", None)
-    if check is None:
-        return
+        return []
+    return [*available_tasks(), "package.module:function"]
+
+
+def _check_task(cfg: Config) -> None:
+    """Reject unknown task names, task options and partitions without building the task."""
+    name, options = parse_task(cfg.task)
     try:
-        check(cfg.task, cfg.partition, cfg.num_clients)
-    except ConfigError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
-        key = "partition" if "partition" in str(exc).lower() and "task" not in str(exc).lower() else "task"
-        raise ConfigError(key, getattr(cfg, key), str(exc)) from None
+        from fedsqueeze.tasks import TaskError, parse_partition, task_options
+    except ImportError:  # the task library is not installed yet: the run will fail at first use
+        return
+    if ":" not in name:
+        try:
+            valid = task_options(name)
+        except TaskError as exc:
+            raise ConfigError("task", cfg.task, str(exc)) from None  # the message lists the tasks
+        for key in options:
+            if key.replace("-", "_") not in valid:
+                raise ConfigError("task", cfg.task, f"{name} has no option {key!r}", list(valid) or ["none"])
+        missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise ConfigError("task", cfg.task, f"{name} needs the option {missing[0]!r}", list(valid))
+    if cfg.partition != DEFAULT_PARTITION:
+        try:
+            parse_partition(cfg.partition)
+        except TaskError as exc:
+            from fedsqueeze.tasks import PARTITIONS
+
+            raise ConfigError("partition", cfg.partition, str(exc), [*PARTITIONS, DEFAULT_PARTITION]) from None
 
 
 # ---- value parsers -----------------------------------------------------------------------------
