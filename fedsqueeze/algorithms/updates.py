@@ -1,0 +1,180 @@
+"""A model's flat vector as compressed payloads, per tensor rules.
+
+`UpdatePlan` splits the flat parameter vector (in `model.named_parameters()` order) into groups,
+each compressed by one operator into one payload:
+- a tensor that a rule names is a group of its own, compressed with the rule's spec;
+- tensors under the size threshold (`dense-below`) form one dense group ("identity");
+- every other tensor is in the default group, compressed as one vector with the main spec
+  (so with no rules and no threshold the whole model is one payload: one spec for the model).
+Both sides build the same plan from the same config and model, so the receiver knows each
+group's length (what `fedsqueeze.wire.decode` checks a payload against).
+
+A plan behaves like a compressor on the whole flat vector (`compress` -> list of payloads,
+`decompress` -> vector), so error feedback can wrap it as it wraps a single operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsqueeze.compressors import Compressed, Compressor, build
+
+DENSE_SPEC = "identity"
+DEFAULT_GROUP = "default"
+DENSE_GROUP = "dense"
+
+#: name, numel -> (spec, key of the group the tensor joins)
+SpecFor = Callable[[str, int], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # start in the flat model vector
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tensors compressed together into one payload."""
+
+    key: str
+    spec: str
+    slots: tuple[TensorSlot, ...]
+    compressor: Compressor
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+    def index(self) -> torch.Tensor | None:
+        """Positions of this group's coordinates in the flat vector (None: one contiguous run)."""
+        if len(self.slots) == 1 or all(
+            b.offset == a.offset + a.numel for a, b in zip(self.slots, self.slots[1:], strict=False)
+        ):
+            return None
+        return torch.cat([torch.arange(s.offset, s.offset + s.numel) for s in self.slots])
+
+
+def layout_of(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter, in flat-vector order."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+class UpdatePlan:
+    """The groups of a flat model vector and their compressors."""
+
+    def __init__(self, layout: Sequence[tuple[str, Sequence[int]]], spec_for: SpecFor) -> None:
+        slots = []
+        offset = 0
+        for name, shape in layout:
+            slot = TensorSlot(name, tuple(int(s) for s in shape), offset)
+            slots.append(slot)
+            offset += slot.numel
+        self.numel = offset
+        self.layout = [(s.name, s.shape) for s in slots]
+        members: dict[str, list[TensorSlot]] = {}
+        specs: dict[str, str] = {}
+        for slot in slots:
+            spec, key = spec_for(slot.name, slot.numel)
+            if key in specs and specs[key] != spec:  # same key, other spec: keep them apart
+                key = f"{key}:{spec}"
+            specs.setdefault(key, spec)
+            members.setdefault(key, []).append(slot)
+        self.groups: list[Group] = []
+        for key, group_slots in members.items():
+            spec = specs[key]
+            compressor = build(spec, layout=[s.shape for s in group_slots])
+            self.groups.append(Group(key, spec, tuple(group_slots), compressor))
+        self._index = [g.index() for g in self.groups]
+
+    @classmethod
+    def uplink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: object) -> UpdatePlan:
+        """The client->server plan of a `fedsqueeze.config.Config` (rules, dense-below, compressor)."""
+
+        def spec_for(name: str, numel: int) -> tuple[str, str]:
+            spec, rule = cfg.spec_for(name, numel)  # type: ignore[attr-defined]
+            if rule is not None:
+                return spec, f"tensor:{name}"
+            return spec, (DENSE_GROUP if numel < cfg.dense_below else DEFAULT_GROUP)  # type: ignore[attr-defined]
+
+        return cls(layout, spec_for)
+
+    @classmethod
+    def downlink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: object) -> UpdatePlan:
+        """The server->client plan: `downlink` for every tensor (dense below `dense-below`), or exact float32."""
+        spec = cfg.downlink  # type: ignore[attr-defined]
+        dense_below = cfg.dense_below  # type: ignore[attr-defined]
+        if spec in ("none", "", None):
+            return cls(layout, lambda name, numel: (DENSE_SPEC, DEFAULT_GROUP))
+
+        def spec_for(name: str, numel: int) -> tuple[str, str]:
+            return (DENSE_SPEC, DENSE_GROUP) if numel < dense_below else (spec, DEFAULT_GROUP)
+
+        return cls(layout, spec_for)
+
+    def keys(self) -> list[str]:
+        return [g.key for g in self.groups]
+
+    def split(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """The 1-D piece of `vector` each group compresses."""
+        if vector.dim() != 1 or vector.numel() != self.numel:
+            raise ValueError(f"expected a flat vector of {self.numel} elements, got shape {tuple(vector.shape)}")
+        out = []
+        for group, index in zip(self.groups, self._index, strict=True):
+            if index is None:
+                start = group.slots[0].offset
+                out.append(vector[start : start + group.numel])
+            else:
+                out.append(vector[index])
+        return out
+
+    def join(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The flat vector from each group's piece (inverse of `split`)."""
+        if len(pieces) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} pieces, got {len(pieces)}")
+        out = torch.empty(self.numel, dtype=pieces[0].dtype if pieces else torch.float32)
+        for group, index, piece in zip(self.groups, self._index, pieces, strict=True):
+            if piece.numel() != group.numel:
+                raise ValueError(f"group {group.key!r} needs {group.numel} elements, got {piece.numel()}")
+            if index is None:
+                start = group.slots[0].offset
+                out[start : start + group.numel] = piece
+            else:
+                out[index] = piece
+        return out
+
+    def compress(self, vector: torch.Tensor, generator: torch.Generator | None = None) -> list[Compressed]:
+        """One payload per group, in group order; all randomness from `generator`."""
+        return [
+            g.compressor.compress(piece.contiguous(), generator)
+            for g, piece in zip(self.groups, self.split(vector), strict=True)
+        ]
+
+    def decompress(self, payloads: Sequence[Compressed]) -> torch.Tensor:
+        """The flat vector the payloads stand for."""
+        if len(payloads) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} payloads, got {len(payloads)}")
+        pieces = []
+        for group, c in zip(self.groups, payloads, strict=True):
+            if c.numel != group.numel:
+                raise ValueError(f"payload for {group.key!r} stands for {c.numel} elements, expected {group.numel}")
+            pieces.append(group.compressor.decompress(c).reshape(-1).to(torch.float32))
+        return self.join(pieces)
+
+    def describe(self) -> list[dict[str, object]]:
+        """The groups as plain data (for logs and summaries)."""
+        return [
+            {"key": g.key, "spec": g.spec, "numel": g.numel, "tensors": [s.name for s in g.slots]} for g in self.groups
+        ]
