@@ -1,0 +1,112 @@
+"""fedsqueeze's Flower ClientApp: Message in -> LocalClient -> Message out.
+
+Messages (the contract with `fedsqueeze.server.app`):
+
+    query   server -> client: {}                      client -> server: MetricRecord "info"
+                                                       {partition-id, num-examples}
+    train   server -> client: ArrayRecord "broadcast"  client -> server: ArrayRecord "update"
+                              ConfigRecord "config"                       MetricRecord "metrics"
+                              {server-round, ...}      {num-examples, train-loss, compression-error,
+                                                        partition-id}
+
+Every payload is `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by
+its group (see `fedsqueeze.algorithms.updates`); `len(data)` is what crossed the wire. The run
+configuration comes from `context.run_config`, the partition from `context.node_config`; the
+algorithm's persistent tensors live in `context.state["fedsqueeze.state"]` between rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsqueeze.config import Config
+
+from .local import client_for
+
+STYPE = "fedsqueeze/v1"
+STATE_KEY = "fedsqueeze.state"
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (it samples and orders clients by it)."""
+    client = client_for(_config(context), partition_id(context))
+    info = MetricRecord({"partition-id": client.partition_id, "num-examples": client.num_examples})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client = client_for(_config(context), partition_id(context))
+    broadcast = payloads_from(msg.content["broadcast"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    extra = {k: v for k, v in config.items() if k != "server-round"}
+    state = load_state(context)
+    result = client.train(broadcast, server_round, state, extra)
+    save_state(context, state)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "compression-error": result.compression_error,
+            "partition-id": client.partition_id,
+            **result.metrics,
+        }
+    )
+    content = RecordDict({"update": payload_record(result.payloads), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+def partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError(
+            "this node has no partition-id in its node config; start it with --node-config 'partition-id=0'"
+        ) from None
+
+
+def payload_record(payloads: dict[str, bytes]) -> ArrayRecord:
+    """Payload bytes as uint8 Arrays with fedsqueeze's stype."""
+    return ArrayRecord({k: Array(dtype="uint8", shape=(len(b),), stype=STYPE, data=b) for k, b in payloads.items()})
+
+
+def payloads_from(record: ArrayRecord) -> dict[str, bytes]:
+    """The payload bytes of a record (ValueError if an entry is not a fedsqueeze payload)."""
+    out = {}
+    for key, array in record.items():
+        if array.stype != STYPE or array.dtype != "uint8" or list(array.shape) != [len(array.data)]:
+            raise ValueError(f"entry {key!r} is not a {STYPE} payload (stype {array.stype!r}, dtype {array.dtype!r})")
+        out[key] = bytes(array.data)
+    return out
+
+
+def load_state(context: Context) -> dict[str, torch.Tensor]:
+    record = context.state.array_records.get(STATE_KEY)
+    if record is None:
+        return {}
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
+    if state:
+        context.state[STATE_KEY] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
+    elif STATE_KEY in context.state:
+        del context.state[STATE_KEY]
+
+
+def _config(context: Context) -> Config:
+    return _config_cached(tuple(sorted(context.run_config.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_cached(items: tuple[tuple[str, bool | int | float | str], ...]) -> Config:
+    return Config.from_run_config(dict(items))

@@ -1,0 +1,164 @@
+"""The server half of a round without Flower: sampling, broadcast, validation, aggregation, evaluation.
+
+    x --downlink plan--> payload bytes (the same for every sampled client)
+    reply bytes --wire.decode against the expected group sizes--> Compressed --> v_i   (or InvalidReply)
+    g = algorithm.aggregate(v_i, weights = examples);  x' = algorithm.server_step(x, g)
+
+`fedsqueeze.server.app` drives these calls from its round loop and turns Messages into them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsqueeze import wire
+from fedsqueeze.algorithms import Algorithm, derive_seed, get
+from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
+from fedsqueeze.config import Config, build_task
+
+
+class InvalidReply(ValueError):
+    """A client's reply that cannot be used (error reply, bad payload, bad metrics); the message says why."""
+
+
+@dataclass
+class Reply:
+    """A client's decoded, validated reply."""
+
+    partition_id: int
+    node_id: int
+    update: torch.Tensor
+    num_examples: int
+    train_loss: float
+    compression_error: float
+    uplink_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round did, for the metrics row."""
+
+    server_round: int
+    clients_sampled: int
+    clients_ok: int
+    clients_failed: int
+    uplink_bytes: int
+    downlink_bytes: int
+    train_loss: float
+    compression_error: float
+    applied: bool
+    failures: list[str] = field(default_factory=list)
+
+
+class Coordinator:
+    """The global model and everything the server does with it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.task = build_task(cfg)
+        self.model = self.task.new_model(seed=derive_seed(cfg.seed, "init"))
+        self.layout = layout_of(self.model)
+        self.x = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().clone()
+        self.uplink = UpdatePlan.uplink(self.layout, cfg)
+        self.downlink = UpdatePlan.downlink(self.layout, cfg)
+        self.algorithm: Algorithm = get(cfg.algorithm)
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
+        """The partitions that train this round: `cohort-size` of them, seeded by (seed, round), sorted."""
+        ids = sorted(partition_ids)
+        k = min(self.cfg.cohort_count(), len(ids))
+        if k == len(ids):
+            return ids
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, server_round, "sample"))
+        chosen = torch.randperm(len(ids), generator=gen)[:k].tolist()
+        return sorted(ids[i] for i in chosen)
+
+    # ---- downlink --------------------------------------------------------------------------
+    def broadcast(self, server_round: int) -> dict[str, bytes]:
+        """The payloads every sampled client receives this round."""
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, server_round, "down"))
+        compressed = self.downlink.compress(self.x, gen)
+        return {g.key: wire.encode(c) for g, c in zip(self.downlink.groups, compressed, strict=True)}
+
+    def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
+        return {
+            "server-round": server_round,
+            **self.algorithm.round_config(server_round, derive_seed(self.cfg.seed, server_round, "algorithm")),
+        }
+
+    # ---- uplink ----------------------------------------------------------------------------
+    def decode(
+        self, payloads: Mapping[str, bytes], metrics: Mapping[str, object], partition_id: int, node_id: int
+    ) -> Reply:
+        """Validate and decode one reply against the layout the server expects; InvalidReply if it fails."""
+        keys = [g.key for g in self.uplink.groups]
+        if sorted(payloads) != sorted(keys):
+            raise InvalidReply(f"payload groups {sorted(payloads)} differ from the expected {sorted(keys)}")
+        try:
+            compressed = [wire.decode(payloads[g.key], g.numel) for g in self.uplink.groups]
+        except wire.PayloadError as exc:
+            raise InvalidReply(f"payload rejected: {exc}") from None
+        try:
+            update = self.uplink.decompress(compressed)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidReply(f"payload does not fit the model: {exc}") from None
+        if not bool(torch.isfinite(update).all()):
+            raise InvalidReply("update has non-finite values")
+        n = metrics.get("num-examples")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise InvalidReply(f"num-examples must be a positive number, got {n!r}")
+        loss = _number(metrics.get("train-loss"))
+        err = _number(metrics.get("compression-error"))
+        extra = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in _KNOWN}
+        return Reply(
+            partition_id=partition_id,
+            node_id=node_id,
+            update=update,
+            num_examples=int(n),
+            train_loss=loss,
+            compression_error=err,
+            uplink_bytes=sum(len(b) for b in payloads.values()),
+            metrics=extra,
+        )
+
+    # ---- aggregation -----------------------------------------------------------------------
+    def apply(self, replies: Sequence[Reply], server_round: int) -> None:
+        """Aggregate the replies (in partition order, so the result does not depend on arrival order)."""
+        ordered = sorted(replies, key=lambda r: r.partition_id)
+        estimate = self.algorithm.aggregate([r.update for r in ordered], [float(r.num_examples) for r in ordered])
+        self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Global test loss and accuracy; for convex tasks subopt, grad_norm_sq, dist_sq."""
+        torch.nn.utils.vector_to_parameters(self.x.clone(), self.model.parameters())
+        loss, acc = self.task.evaluate(self.model)
+        out = {"test_loss": float(loss), "test_accuracy": float(acc)}
+        out.update({k: float(v) for k, v in self.task.convex_metrics(self.x).items()})
+        return out
+
+
+_KNOWN = {"num-examples", "train-loss", "compression-error", "partition-id"}
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if math.isfinite(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+
+
+def mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
