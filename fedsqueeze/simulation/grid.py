@@ -12,9 +12,10 @@ What it keeps from Flower's engine:
 - an exception in the ClientApp becomes an error reply with `ErrorCode.CLIENT_APP_RAISED_EXCEPTION`
   (reason `"<class ...>:<'message'>"`), logged with the node id;
 - `send_and_receive(timeout=t)`: a reply arrives only if its call finished within t seconds. Calls run
-  one after another (deterministic), so each call gets the whole budget, as if clients ran in parallel
-  (a round then takes at most n * t here). A call still running at its deadline is abandoned on its
-  own thread; its node takes no message until that call ends, and its late result is dropped.
+  one after another (deterministic) on one worker thread, so each call gets the whole budget, as if
+  clients ran in parallel (a round then takes at most n * t here). A call still running at its
+  deadline is abandoned with its thread (a new worker takes the next calls); its node takes no
+  message until that call ends, and its late result is dropped.
 
 Node ids are pseudo-random 63-bit integers drawn from the seed (Flower's are random too), so nothing
 can rely on node id == partition id; they are the same for the same seed.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import queue
 import random
 import threading
 import time
@@ -53,7 +55,7 @@ UserConfig = dict[str, bool | float | int | str]
 class _Node:
     node_id: int
     context: Context
-    busy: threading.Thread | None = None  # an abandoned call that has not ended yet
+    busy: _Worker | None = None  # the worker of an abandoned call that has not ended yet
 
 
 class InProcessGrid(Grid):
@@ -74,6 +76,7 @@ class InProcessGrid(Grid):
         node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
         run_id: int = 1,
         seed: int = 0,
+        observer: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -101,6 +104,9 @@ class InProcessGrid(Grid):
         self.client_seconds = 0.0
         #: how many ClientApp calls were made
         self.client_calls = 0
+        self._worker: _Worker | None = None
+        #: a progress callback a ServerApp may call as `grid.observer(event, data)` (not part of Flower's Grid)
+        self.observer = observer
 
     # ---- Grid API ------------------------------------------------------------------------
     def set_run(self, run: Run | int) -> None:
@@ -177,7 +183,7 @@ class InProcessGrid(Grid):
 
     def _call(self, node: _Node, msg: Message, timeout: float | None) -> Message | None:
         if node.busy is not None:
-            if node.busy.is_alive():
+            if not node.busy.idle():
                 log.warning("node %d is still running an abandoned call: no reply this time", node.node_id)
                 return None
             node.busy = None
@@ -195,16 +201,14 @@ class InProcessGrid(Grid):
                 outcome["trace"] = traceback.format_exc()
             outcome["seconds"] = time.perf_counter() - t0
 
-        if timeout is None:
-            work()
-        else:
-            thread = threading.Thread(target=work, name=f"clientapp-{node.node_id}", daemon=True)
-            thread.start()
-            thread.join(max(timeout, 0.0))
-            if thread.is_alive():
-                node.busy = thread
-                log.warning("node %d did not reply within %.3g s: its reply is dropped", node.node_id, timeout)
-                return None
+        if self._worker is None or not self._worker.idle():
+            self._worker = _Worker.get()
+        done = self._worker.submit(work)
+        if not done.wait(None if timeout is None else max(timeout, 0.0)):
+            node.busy = self._worker  # abandoned: this worker is stuck in that call
+            self._worker = None
+            log.warning("node %d did not reply within %.3g s: its reply is dropped", node.node_id, timeout)
+            return None
         self.client_calls += 1
         self.client_seconds += outcome["seconds"]
         if timeout is not None and outcome["seconds"] > timeout:
@@ -226,6 +230,48 @@ class InProcessGrid(Grid):
             return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
         node.context = context
         return _copy_message(reply)
+
+
+class _Worker:
+    """One daemon thread that runs ClientApp calls, one at a time.
+
+    Calls run on a thread so that a call past its timeout can be abandoned. The thread is kept
+    for every call (not one thread per call): each new thread that enters PyTorch gets its own
+    OpenMP team, and a trail of idle teams spinning on two cores slows every later call tenfold.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedsqueeze-clientapp", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, done = self._jobs.get()
+            try:
+                fn()
+            finally:
+                self._busy.clear()
+                done.set()
+
+    _shared: _Worker | None = None
+
+    @classmethod
+    def get(cls) -> _Worker:
+        """The process's idle worker (grids share it: one thread, one OpenMP team), or a new one."""
+        if cls._shared is None or not cls._shared.idle():
+            cls._shared = cls()
+        return cls._shared
+
+    def idle(self) -> bool:
+        return not self._busy.is_set()
+
+    def submit(self, fn: Callable[[], None]) -> threading.Event:
+        done = threading.Event()
+        self._busy.set()
+        self._jobs.put((fn, done))
+        return done
 
 
 def _copy_message(msg: Message) -> Message:
@@ -288,9 +334,12 @@ def run_inprocess(
     seed: int = 0,
     run_id: int = 1,
     node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
+    observer: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> tuple[InProcessGrid, Context]:
     """Run a ServerApp against `num_nodes` in-process ClientApp nodes; returns the grid and server Context."""
-    grid = InProcessGrid(client_app, num_nodes, run_config, node_configs=node_configs, run_id=run_id, seed=seed)
+    grid = InProcessGrid(
+        client_app, num_nodes, run_config, node_configs=node_configs, run_id=run_id, seed=seed, observer=observer
+    )
     context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config or {}))
     app = _load_server_app(server_app)
     with task_identity(run_id):
