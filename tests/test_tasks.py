@@ -536,7 +536,7 @@ def test_convex_task_loss_is_the_client_objective():
     model = task.new_model()
     x = flat_params(model)
     for i, c in enumerate(task.clients):
-        assert float(task.loss_fn(model, c.train.x, c.train.y)) == pytest.approx(task.objective.f_i(i, x), rel=1e-5)
+        assert task.loss_fn(model, c.train.x, c.train.y).item() == pytest.approx(task.objective.f_i(i, x), rel=1e-5)
     opt = task.optimum
     assert opt is not None and opt.grad_norm < 1e-10
     set_flat_params(model, opt.x)

@@ -358,7 +358,7 @@ def _conjugate_gradient(matvec, b: torch.Tensor, rtol: float, max_iter: int | No
     p = r.clone()
     rs = float(r @ r)
     stop = (rtol * float(b.norm())) ** 2
-    for _ in range(max_iter or 10 * len(b)):
+    for _ in range(max_iter or 2 * len(b) + 20):
         if rs <= stop:
             break
         ap = matvec(p)
