@@ -30,11 +30,11 @@ from ..compressors.compressed import (
     shared_indices,
 )
 from ..protos.fedsqueeze.v1 import payload_pb2 as pb
-from . import rice
-from .bits import nbytes, pack_mask, pack_uint, unpack_mask, unpack_uint
+from .bits import pack_mask, pack_uint, unpack_mask, unpack_uint
 from .errors import PayloadError
 from .floats import VALUE_CODES, bytes_tensor, check_scale, code_dtype, dtype_code, tensor_bytes
-from .indices import decode_index_set, field_size, plan_index_set, rice_message_size, varint_size, write_index_set
+from .indices import decode_index_set, plan_index_set, write_index_set
+from .ints import plan_ints, read_ints, write_ints
 
 WIRE_VERSION = 1
 #: bodies nest at most this deep (the top-level body is depth 1)
@@ -44,8 +44,6 @@ MAX_LEVELS = 2**31 - 1
 # the worst case, needs about 31), so longer inputs are refused before the protobuf parser runs.
 MAX_BYTES_PER_COORDINATE = 64
 MAX_FIXED_OVERHEAD = 4096
-# alphabets up to this size get their Rice costs from a histogram instead of passes over the data
-_HISTOGRAM_LIMIT = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,22 +180,6 @@ def _max_checked(values: np.ndarray, hi: int, what: str) -> int:
     return mx
 
 
-def _histogram(values: np.ndarray, size: int) -> np.ndarray:
-    return np.bincount(values.astype(np.intp, copy=False), minlength=size)
-
-
-def _fixed_width_size(width: int, n: int) -> int:
-    """Bytes of a FixedWidth message of n values."""
-    size = varint_size(width) + 1 if width else 0
-    return size + (field_size(nbytes(n * width)) if n * width else 0)
-
-
-def _rice_write(msg, values: np.ndarray, plan: rice.RicePlan) -> None:
-    msg.SetInParent()
-    msg.k = plan.k
-    msg.unary, msg.remainders = rice.encode(values, plan)
-
-
 # ---------------------------------------------------------------------------------------------
 # Dense
 
@@ -274,65 +256,15 @@ def _encode_quantized(c: Quantized, body, n: int, depth: int) -> None:
     s = c.levels
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= s <= MAX_LEVELS:
         raise PayloadError(f"quantized levels must be an integer in [1, {MAX_LEVELS}], got {s!r}")
-    s = int(s)
     body.scale = check_scale(c.scale, "quantized")
-    body.levels = s
+    body.levels = int(s)
     mags = _vector(c.magnitudes, n, "quantized magnitudes", "int")
     negative = _vector(c.negative, n, "quantized negative", "bool")
-    if n == 0:
-        body.fixed.SetInParent()
-        return
-    mx = _max_checked(mags, s, "quantized magnitudes")
-    nonzero = mags != 0
-    nnz = int(np.count_nonzero(nonzero))
-    width = mx.bit_length()
-
-    # candidate sizes (as message bytes); the sign bits: all n for `fixed`, nnz for the others
-    fixed_size = field_size(_fixed_width_size(width, n)) + field_size(nbytes(n))
-    sparse_form = 2 * nnz <= n
-    if sparse_form:
-        # few nonzeros: everything else follows from their positions and values
-        pos = np.flatnonzero(nonzero)
-        vals = mags[pos].astype(np.int64)
-        hist = _histogram(vals, mx + 1) if mx < _HISTOGRAM_LIMIT else None
-        if hist is not None:
-            hist[0] = n - nnz
-    else:
-        pos = vals = None
-        hist = _histogram(mags, mx + 1) if mx < _HISTOGRAM_LIMIT else None
-    mags64 = None
-    if hist is not None:
-        rice_plan = rice.plan_from_histogram(hist)
-    else:
-        mags64 = mags.astype(np.int64)
-        rice_plan = rice.plan(mags64)
-    sign_size = field_size(nbytes(nnz))
-    rice_size = field_size(rice_message_size(rice_plan)) + sign_size
-    best, best_size = "fixed", fixed_size
-    if rice_size < best_size:
-        best, best_size = "rice", rice_size
-    if sparse_form:
-        support_plan = plan_index_set(n, nnz, indices=pos)
-        minus_plan = rice.plan_from_histogram(hist[1:]) if hist is not None else rice.plan(vals - 1)
-        inner = varint_size(nnz) + 1 + support_plan.nbytes + field_size(rice_message_size(minus_plan))
-        sparse_size = field_size(inner) + sign_size
-        if sparse_size < best_size:
-            best, best_size = "sparse", sparse_size
-
-    if best == "fixed":
-        body.fixed.width = width
-        body.fixed.data = pack_uint(mags, width)
-        body.negative = pack_mask(negative)
-    elif best == "rice":
-        _rice_write(body.rice, mags64 if mags64 is not None else mags, rice_plan)
-        body.negative = pack_mask(negative[pos] if pos is not None else negative[nonzero])
-    else:
-        sp = body.sparse
-        sp.count = nnz
-        write_index_set(support_plan, sp.support, n, indices=pos)
-        vals -= 1
-        _rice_write(sp.minus_one, vals, minus_plan)
-        body.negative = pack_mask(negative[pos])
+    if n:
+        _max_checked(mags, int(s), "quantized magnitudes")
+    plan = plan_ints(mags)
+    write_ints(plan, body.magnitudes)
+    body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[mags != 0])
 
 
 def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized:
@@ -342,38 +274,11 @@ def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized
     scale = body.scale
     if not math.isfinite(scale):
         raise PayloadError(f"quantized scale {scale} is not finite")
-    form = body.WhichOneof("magnitudes")
-    if form == "fixed":
-        width = body.fixed.width
-        if width > s.bit_length():
-            raise PayloadError(f"quantized fixed width {width} exceeds the {s.bit_length()} bits of {s} levels")
-        raw = unpack_uint(body.fixed.data, n, width, "quantized magnitudes")
-        if n and int(raw.max()) > s:
-            raise PayloadError(f"quantized magnitude {int(raw.max())} exceeds {s} levels")
-        mags = raw.astype(np.int32)
-        negative = unpack_mask(body.negative, n, "quantized negative")
-        negative &= mags != 0
-    elif form == "rice":
-        r = body.rice
-        mags = rice.decode(r.k, r.unary, r.remainders, n, s, n * s, "quantized magnitudes").astype(np.int32)
-        nonzero = mags != 0
-        negative = np.zeros(n, dtype=bool)
-        negative[nonzero] = unpack_mask(body.negative, int(np.count_nonzero(nonzero)), "quantized negative")
-    elif form == "sparse":
-        sp = body.sparse
-        count = sp.count
-        if count > n:
-            raise PayloadError(f"quantized nonzero count {count} exceeds the {n} coordinates")
-        pos = decode_index_set(sp.support, n, count, "quantized support")
-        m = sp.minus_one
-        vals = rice.decode(m.k, m.unary, m.remainders, count, s - 1, count * (s - 1), "quantized magnitudes")
-        signs = unpack_mask(body.negative, count, "quantized negative")
-        mags = np.zeros(n, dtype=np.int32)
-        mags[pos] = vals + 1
-        negative = np.zeros(n, dtype=bool)
-        negative[pos] = signs
-    else:
-        raise PayloadError("quantized payload has no magnitudes")
+    mags = read_ints(body.magnitudes, n, s, "quantized magnitudes").astype(np.int32)
+    nonzero = mags != 0
+    signs = unpack_mask(body.negative, int(np.count_nonzero(nonzero)), "quantized negative")
+    negative = np.zeros(n, dtype=bool)
+    negative[nonzero] = signs
     return Quantized(
         numel=n,
         dtype=dtype,
@@ -387,76 +292,53 @@ def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized
 # ---------------------------------------------------------------------------------------------
 # Natural
 
+_SYMBOL_BITS = NATURAL_MAX_CODE.bit_length()
+
 
 def _encode_natural(c: Natural, body, n: int, depth: int) -> None:
     codes = _vector(c.codes, n, "natural codes", "int")
     negative = _vector(c.negative, n, "natural negative", "bool")
     if n:
         _max_checked(codes, NATURAL_MAX_CODE, "natural codes")
-    nnz = int(np.count_nonzero(codes))
-    body.count = nnz
-    if nnz == n:
-        pos, vals, signs, mask = None, codes, negative, None
+    hist = np.bincount(codes.astype(np.intp, copy=False), minlength=NATURAL_MAX_CODE + 1)
+    # the table: codes in use, most frequent first (ties: smaller code first)
+    used = np.flatnonzero(hist[1:]) + 1
+    symbols = used[np.argsort(-hist[used], kind="stable")]
+    lut = np.zeros(NATURAL_MAX_CODE + 1, dtype=np.uint16)
+    lut[symbols] = np.arange(1, symbols.size + 1, dtype=np.uint16)
+    values = lut[codes]
+    value_hist = np.zeros(symbols.size + 1, dtype=np.int64)
+    value_hist[0] = hist[0]
+    value_hist[1:] = hist[symbols]
+    plan = plan_ints(values, hist=value_hist)
+    body.symbol_count = symbols.size
+    body.symbols = pack_uint(symbols, _SYMBOL_BITS)
+    write_ints(plan, body.values)
+    if hist[0] == 0:
+        body.negative = pack_mask(negative)
     else:
-        mask = codes != 0
-        pos = np.flatnonzero(mask)
-        vals, signs = codes[pos], negative[pos]
-    write_index_set(plan_index_set(n, nnz, indices=pos, mask=mask), body.support, n, indices=pos, mask=mask)
-    body.negative = pack_mask(signs)
-    if nnz == 0:
-        body.above_base.SetInParent()
-        return
-    hist = _histogram(vals, NATURAL_MAX_CODE + 1)
-    present = np.flatnonzero(hist)
-    lo, hi = int(present[0]), int(present[-1])
-    width = (hi - lo).bit_length()
-    fixed_size = field_size(_fixed_width_size(width, nnz))
-    below_plan = rice.plan_from_histogram(hist[lo : hi + 1][::-1])  # counts of hi - code
-    if field_size(rice_message_size(below_plan)) < fixed_size:
-        body.base = hi
-        _rice_write(body.below_base, hi - vals.astype(np.int64), below_plan)
-    else:
-        body.base = lo
-        body.above_base.SetInParent()
-        body.above_base.width = width
-        body.above_base.data = pack_uint(vals.astype(np.int64) - lo, width)
+        body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[codes != 0])
 
 
 def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
-    count = body.count
-    if count > n:
-        raise PayloadError(f"natural nonzero count {count} exceeds the {n} coordinates")
-    base = body.base
-    if base > NATURAL_MAX_CODE:
-        raise PayloadError(f"natural base code {base} exceeds {NATURAL_MAX_CODE}")
-    pos = decode_index_set(body.support, n, count, "natural support")
-    form = body.WhichOneof("codes")
-    if form == "above_base":
-        width = body.above_base.width
-        if width > NATURAL_MAX_CODE.bit_length():
-            raise PayloadError(f"natural code width {width} exceeds {NATURAL_MAX_CODE.bit_length()}")
-        u = unpack_uint(body.above_base.data, count, width, "natural codes")
-        if count and (base < 1 or base + int(u.max()) > NATURAL_MAX_CODE):
-            raise PayloadError(f"natural codes outside [1, {NATURAL_MAX_CODE}]")
-        vals = u.astype(np.int16)
-        vals += base
-    elif form == "below_base":
-        if count and base < 1:
-            raise PayloadError("natural base code must be at least 1")
-        r = body.below_base
-        top = max(base - 1, 0)
-        u = rice.decode(r.k, r.unary, r.remainders, count, top, count * top, "natural codes")
-        vals = (base - u).astype(np.int16)
+    m = body.symbol_count
+    if m > NATURAL_MAX_CODE:
+        raise PayloadError(f"natural table of {m} codes exceeds the {NATURAL_MAX_CODE} nonzero codes")
+    symbols = unpack_uint(body.symbols, m, _SYMBOL_BITS, "natural table").astype(np.int16)
+    if m and (int(symbols.min()) < 1 or int(symbols.max()) > NATURAL_MAX_CODE or np.unique(symbols).size != m):
+        raise PayloadError(f"natural table must hold distinct codes in [1, {NATURAL_MAX_CODE}]")
+    values = read_ints(body.values, n, m, "natural values")
+    lut = np.zeros(m + 1, dtype=np.int16)
+    lut[1:] = symbols
+    codes = lut[values]
+    nonzero = values != 0
+    nnz = int(np.count_nonzero(nonzero))
+    signs = unpack_mask(body.negative, nnz, "natural negative")
+    if nnz == n:
+        negative = signs
     else:
-        raise PayloadError("natural payload has no codes")
-    signs = unpack_mask(body.negative, count, "natural negative")
-    if count == n:
-        codes, negative = vals, signs
-    else:
-        codes = np.zeros(n, dtype=np.int16)
-        codes[pos] = vals
         negative = np.zeros(n, dtype=bool)
-        negative[pos] = signs
+        negative[nonzero] = signs
     return Natural(numel=n, dtype=dtype, negative=torch.from_numpy(negative), codes=torch.from_numpy(codes))
 
 

@@ -46,7 +46,8 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 def check_scale(scale: float, what: str) -> float:
     """A scale as the float32 that crosses the wire, which must be finite."""
-    value = float(np.float32(scale))
+    with np.errstate(over="ignore"):
+        value = float(np.float32(scale))
     if not math.isfinite(value):
         raise PayloadError(f"{what}: scale {scale!r} is not finite in float32")
     return value

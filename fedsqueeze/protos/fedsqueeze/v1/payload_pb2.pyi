@@ -88,6 +88,26 @@ class IndexSet(_message.Message):
     complement_gaps: RiceCode
     def __init__(self, bitmap: _Optional[bytes] = ..., gaps: _Optional[_Union[RiceCode, _Mapping]] = ..., complement_gaps: _Optional[_Union[RiceCode, _Mapping]] = ...) -> None: ...
 
+class IntCode(_message.Message):
+    __slots__ = ("fixed", "rice", "sparse")
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    RICE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    fixed: FixedWidth
+    rice: RiceCode
+    sparse: SparseInts
+    def __init__(self, fixed: _Optional[_Union[FixedWidth, _Mapping]] = ..., rice: _Optional[_Union[RiceCode, _Mapping]] = ..., sparse: _Optional[_Union[SparseInts, _Mapping]] = ...) -> None: ...
+
+class SparseInts(_message.Message):
+    __slots__ = ("count", "support", "minus_one")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    MINUS_ONE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    support: IndexSet
+    minus_one: IntCode
+    def __init__(self, count: _Optional[int] = ..., support: _Optional[_Union[IndexSet, _Mapping]] = ..., minus_one: _Optional[_Union[IntCode, _Mapping]] = ...) -> None: ...
+
 class Dense(_message.Message):
     __slots__ = ("precision", "values", "scale")
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -111,46 +131,28 @@ class Sparse(_message.Message):
     def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., indices: _Optional[_Union[IndexSet, _Mapping]] = ..., values: _Optional[_Union[Nested, _Mapping]] = ...) -> None: ...
 
 class Quantized(_message.Message):
-    __slots__ = ("scale", "levels", "fixed", "rice", "sparse", "negative")
+    __slots__ = ("scale", "levels", "magnitudes", "negative")
     SCALE_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
-    FIXED_FIELD_NUMBER: _ClassVar[int]
-    RICE_FIELD_NUMBER: _ClassVar[int]
-    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    MAGNITUDES_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     scale: float
     levels: int
-    fixed: FixedWidth
-    rice: RiceCode
-    sparse: SparseLevels
+    magnitudes: IntCode
     negative: bytes
-    def __init__(self, scale: _Optional[float] = ..., levels: _Optional[int] = ..., fixed: _Optional[_Union[FixedWidth, _Mapping]] = ..., rice: _Optional[_Union[RiceCode, _Mapping]] = ..., sparse: _Optional[_Union[SparseLevels, _Mapping]] = ..., negative: _Optional[bytes] = ...) -> None: ...
-
-class SparseLevels(_message.Message):
-    __slots__ = ("count", "support", "minus_one")
-    COUNT_FIELD_NUMBER: _ClassVar[int]
-    SUPPORT_FIELD_NUMBER: _ClassVar[int]
-    MINUS_ONE_FIELD_NUMBER: _ClassVar[int]
-    count: int
-    support: IndexSet
-    minus_one: RiceCode
-    def __init__(self, count: _Optional[int] = ..., support: _Optional[_Union[IndexSet, _Mapping]] = ..., minus_one: _Optional[_Union[RiceCode, _Mapping]] = ...) -> None: ...
+    def __init__(self, scale: _Optional[float] = ..., levels: _Optional[int] = ..., magnitudes: _Optional[_Union[IntCode, _Mapping]] = ..., negative: _Optional[bytes] = ...) -> None: ...
 
 class Natural(_message.Message):
-    __slots__ = ("count", "support", "base", "above_base", "below_base", "negative")
-    COUNT_FIELD_NUMBER: _ClassVar[int]
-    SUPPORT_FIELD_NUMBER: _ClassVar[int]
-    BASE_FIELD_NUMBER: _ClassVar[int]
-    ABOVE_BASE_FIELD_NUMBER: _ClassVar[int]
-    BELOW_BASE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("symbol_count", "symbols", "values", "negative")
+    SYMBOL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SYMBOLS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
-    count: int
-    support: IndexSet
-    base: int
-    above_base: FixedWidth
-    below_base: RiceCode
+    symbol_count: int
+    symbols: bytes
+    values: IntCode
     negative: bytes
-    def __init__(self, count: _Optional[int] = ..., support: _Optional[_Union[IndexSet, _Mapping]] = ..., base: _Optional[int] = ..., above_base: _Optional[_Union[FixedWidth, _Mapping]] = ..., below_base: _Optional[_Union[RiceCode, _Mapping]] = ..., negative: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, symbol_count: _Optional[int] = ..., symbols: _Optional[bytes] = ..., values: _Optional[_Union[IntCode, _Mapping]] = ..., negative: _Optional[bytes] = ...) -> None: ...
 
 class Sign(_message.Message):
     __slots__ = ("scale", "negative")

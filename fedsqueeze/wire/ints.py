@@ -1,0 +1,151 @@
+"""Sequences of bounded non-negative integers (an IntCode message), in the smallest of three forms.
+
+- fixed: bit_length(max) bits per value;
+- rice: Rice-coded, good for roughly geometric values;
+- sparse: the positions of the nonzero values (an index set) and the IntCode of value - 1 there.
+  Nesting it peels a peaked distribution one level at a time, each level an index set near its
+  entropy, so QSGD levels (mostly 0, else mostly 1) cost close to their entropy, not >= 1 bit
+  per value as any Rice code would.
+Fixed and Rice costs come from a histogram (or a few vectorised passes for wide alphabets); the
+sparse form is costed only for sequences that are at least half zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rice
+from .bits import nbytes, pack_uint, uint_dtype, unpack_uint
+from .errors import PayloadError
+from .indices import (
+    IndexPlan,
+    decode_index_set,
+    field_size,
+    plan_index_set,
+    rice_message_size,
+    varint_size,
+    write_index_set,
+)
+
+#: IntCodes nest at most this deep (a top-level IntCode is depth 1)
+MAX_INT_DEPTH = 4
+# alphabets below this size get their costs from a histogram instead of passes over the data
+HISTOGRAM_LIMIT = 1 << 16
+
+
+def uint_field_size(value: int) -> int:
+    """Bytes of a proto3 varint field with a one-byte tag (0 is not sent)."""
+    return 1 + varint_size(value) if value else 0
+
+
+def fixed_width_size(width: int, n: int) -> int:
+    """Bytes of a FixedWidth message of n values."""
+    return uint_field_size(width) + (field_size(nbytes(n * width)) if n * width else 0)
+
+
+@dataclass
+class IntPlan:
+    """The chosen form for one sequence, the IntCode's size, and what its fields hold."""
+
+    form: str  # "fixed", "rice" or "sparse"
+    nbytes: int
+    values: np.ndarray
+    width: int = 0
+    rice: rice.RicePlan | None = None
+    count: int = 0
+    positions: np.ndarray | None = None  # of the nonzero values, when they were computed
+    support: IndexPlan | None = None
+    minus_one: IntPlan | None = field(default=None, repr=False)
+
+
+def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None) -> IntPlan:
+    """The smallest IntCode for non-negative integers (checked by the caller); `hist`, if given,
+    is their histogram."""
+    n = values.size
+    if n == 0:
+        return IntPlan("fixed", field_size(0), values)
+    nonzero = values != 0
+    nnz = int(np.count_nonzero(nonzero))
+    pos = sub_plan = support = None
+    if depth < MAX_INT_DEPTH and 2 * nnz <= n:
+        # mostly zeros: the positions and values of the nonzeros give every other cost cheaply
+        pos = np.flatnonzero(nonzero)
+        sub = values[pos].astype(np.int64)
+        sub -= 1
+        sub_plan = plan_ints(sub, depth + 1)
+        support = plan_index_set(n, nnz, indices=pos)
+        mx = int(sub.max()) + 1 if nnz else 0
+        if hist is None and mx < HISTOGRAM_LIMIT:
+            hist = np.bincount(sub, minlength=mx)
+            hist = np.concatenate([[n - nnz], hist])
+    else:
+        mx = int(values.max())
+        if hist is None and mx < HISTOGRAM_LIMIT:
+            hist = np.bincount(values.astype(np.intp, copy=False), minlength=mx + 1)
+    width = mx.bit_length()
+    best = IntPlan("fixed", field_size(fixed_width_size(width, n)), values, width=width, positions=pos)
+    rice_plan = rice.plan_from_histogram(hist) if hist is not None else rice.plan(values.astype(np.int64))
+    size = field_size(rice_message_size(rice_plan))
+    if size < best.nbytes:
+        best = IntPlan("rice", size, values, rice=rice_plan, positions=pos)
+    if sub_plan is not None:
+        inner = uint_field_size(nnz) + field_size(support.nbytes) + field_size(sub_plan.nbytes)
+        size = field_size(inner)
+        if size < best.nbytes:
+            best = IntPlan("sparse", size, values, count=nnz, positions=pos, support=support, minus_one=sub_plan)
+    return best
+
+
+def write_ints(plan: IntPlan, msg) -> None:
+    """Fill an IntCode message with the planned form."""
+    if plan.form == "fixed":
+        msg.fixed.SetInParent()
+        msg.fixed.width = plan.width
+        msg.fixed.data = pack_uint(plan.values, plan.width)
+    elif plan.form == "rice":
+        msg.rice.SetInParent()
+        msg.rice.k = plan.rice.k
+        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice)
+    else:
+        sp = msg.sparse
+        sp.SetInParent()
+        sp.count = plan.count
+        write_index_set(plan.support, sp.support, plan.values.size, indices=plan.positions)
+        write_ints(plan.minus_one, sp.minus_one)
+
+
+def read_ints(msg, n: int, max_value: int, what: str, depth: int = 1) -> np.ndarray:
+    """The n integers of an IntCode message, each in [0, max_value], as the smallest unsigned
+    dtype that holds max_value."""
+    dt = uint_dtype(max(max_value.bit_length(), 1))
+    form = msg.WhichOneof("form")
+    if form == "fixed":
+        width = msg.fixed.width
+        if width > max_value.bit_length():
+            raise PayloadError(f"{what}: width {width} exceeds the {max_value.bit_length()} bits of {max_value}")
+        values = unpack_uint(msg.fixed.data, n, width, what)
+        if n and int(values.max()) > max_value:
+            raise PayloadError(f"{what}: value {int(values.max())} exceeds {max_value}")
+        return values.astype(dt, copy=False)
+    if form == "rice":
+        r = msg.rice
+        return rice.decode(r.k, r.unary, r.remainders, n, max_value, n * max_value, what).astype(dt)
+    if form == "sparse":
+        if depth >= MAX_INT_DEPTH:
+            raise PayloadError(f"{what}: sparse integer codes nest more than {MAX_INT_DEPTH} deep")
+        sp = msg.sparse
+        count = sp.count
+        if count > n:
+            raise PayloadError(f"{what}: {count} nonzero values among {n}")
+        if count and max_value < 1:
+            raise PayloadError(f"{what}: nonzero values where the bound is 0")
+        pos = decode_index_set(sp.support, n, count, f"{what} support")
+        sub = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1)
+        sub = sub.astype(dt)
+        sub += 1
+        values = np.zeros(n, dtype=dt)
+        values[pos] = sub
+        return values
+    raise PayloadError(f"{what}: no form set")
