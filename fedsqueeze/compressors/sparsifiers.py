@@ -158,9 +158,11 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     candidates = _candidates(xs, _threshold(xs, k))
     if candidates.size < k:
         return torch.topk(x.abs(), k, sorted=False).indices.sort().values
-    cand = torch.from_numpy(candidates)
-    best = torch.topk(x[cand].abs(), k, sorted=False).indices
-    return cand[best].sort().values
+    # exact selection among the candidates, in x's own precision where numpy has it
+    exact = x.detach().numpy() if x.dtype in (torch.float32, torch.float64) else xs
+    magnitudes = np.abs(exact[candidates])
+    best = np.argpartition(magnitudes, magnitudes.size - k)[magnitudes.size - k :]
+    return torch.from_numpy(np.sort(candidates[best]))
 
 
 def _threshold(xs: np.ndarray, k: int) -> float:
