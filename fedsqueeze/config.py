@@ -134,6 +134,12 @@ class Config:
             return DENSE_SPEC, None
         return self.compressor, None
 
+    def check_rules(self, names: Sequence[str]) -> None:
+        """ConfigError for a rule whose pattern matches none of the model's parameter names."""
+        for rule in self.rules:
+            if not any(rule.matches(n) for n in names):
+                raise ConfigError("rules", str(rule), "the pattern matches no parameter of the model", names)
+
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (field names with underscores), validated again."""
         cfg = dataclasses.replace(self, **changes)
@@ -314,7 +320,8 @@ def _build_task_cached(task: str, num_clients: int, partition: str, seed: int) -
             **options,
         )
     except TaskError as exc:
-        key = "partition" if "partition" in str(exc) else "task"
+        kind = partition.split("(")[0].strip()
+        key = "partition" if "partition" in str(exc) or (kind and kind in str(exc)) else "task"
         raise ConfigError(key, task if key == "task" else partition, str(exc)) from None
 
 

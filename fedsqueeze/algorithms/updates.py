@@ -103,6 +103,8 @@ class UpdatePlan:
     def uplink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: object) -> UpdatePlan:
         """The client->server plan of a `fedsqueeze.config.Config` (rules, dense-below, compressor)."""
 
+        cfg.check_rules([name for name, _ in layout])  # type: ignore[attr-defined]
+
         def spec_for(name: str, numel: int) -> tuple[str, str]:
             spec, rule = cfg.spec_for(name, numel)  # type: ignore[attr-defined]
             if rule is not None:

@@ -34,6 +34,9 @@ from .coordinator import Coordinator, InvalidReply, Reply, mean, weighted_mean
 
 log = logging.getLogger("fedsqueeze.server")
 
+#: the global model at the end of the run (a state_dict for torch.load), written next to metrics.jsonl
+MODEL_FILE = "model.pt"
+
 #: how often the server looks for nodes that have not connected yet (deployment)
 NODE_POLL_S = 1.0
 
@@ -51,6 +54,7 @@ Observer = Callable[[str, dict[str, Any]], None]
 
 def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dict[str, Any]:
     """Run every round of `cfg` on `grid`; returns the summary. `observer(event, data)` sees progress."""
+    started_at = time.time()
     coord = Coordinator(cfg)
     run_dir = RunDir.create(cfg.out_dir, cfg.name, cfg.to_run_config())
     tracker = Tracker(run_dir, convex=bool(coord.task.is_convex), target_accuracy=cfg.target_accuracy or None)
@@ -64,19 +68,28 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
         coord.uplink.describe(),
     )
     status = "interrupted"
+    setup_s = None
     try:
         nodes = discover(grid, cfg)
+        setup_s = time.time() - started_at
         for server_round in range(1, cfg.rounds + 1):
             row = run_round(grid, cfg, coord, nodes, server_round)
             row = tracker.record(server_round, **row)
             notify("round", row)
         status = "completed"
     finally:
-        extra: dict[str, Any] = {"run_dir": str(Path(run_dir.path)), "task": _plain(coord.task.info)}
+        extra: dict[str, Any] = {
+            "run_dir": str(Path(run_dir.path)),
+            "task": _plain(coord.task.info),
+            # when the ServerApp started (epoch seconds) and how long model set-up and node discovery took
+            "started_at": started_at,
+            "setup_s": setup_s,
+        }
         if coord.task.is_convex and coord.task.objective is not None:
             optimum = coord.task.optimum  # computed once (cached by the task), kept with the run
             extra["optimum"] = {"f_star": optimum.f, "grad_norm": optimum.grad_norm, "iterations": optimum.iterations}
             (Path(run_dir.path) / "optimum.json").write_text(json.dumps(optimum.to_dict()) + "\n")
+        coord.save_model(Path(run_dir.path) / MODEL_FILE)
         summary = tracker.finish(status=status, **extra)
         notify("finish", summary)
     return summary

@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -37,22 +39,6 @@ class Reply:
     compression_error: float
     uplink_bytes: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class RoundOutcome:
-    """What one round did, for the metrics row."""
-
-    server_round: int
-    clients_sampled: int
-    clients_ok: int
-    clients_failed: int
-    uplink_bytes: int
-    downlink_bytes: int
-    train_loss: float
-    compression_error: float
-    applied: bool
-    failures: list[str] = field(default_factory=list)
 
 
 class Coordinator:
@@ -133,6 +119,13 @@ class Coordinator:
         ordered = sorted(replies, key=lambda r: r.partition_id)
         estimate = self.algorithm.aggregate([r.update for r in ordered], [float(r.num_examples) for r in ordered])
         self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
+
+    def save_model(self, path: Path) -> None:
+        """The current global model as a state_dict (written atomically)."""
+        torch.nn.utils.vector_to_parameters(self.x.clone(), self.model.parameters())
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -220,7 +220,8 @@ class InProcessGrid(Grid):
             exc = outcome["error"]
             if isinstance(exc, KeyboardInterrupt):
                 raise exc
-            log.error("ClientApp raised on node %d: %s\n%s", node.node_id, exc, outcome["trace"])
+            log.error("ClientApp raised on node %d: %s: %s", node.node_id, type(exc).__name__, exc)
+            log.debug("traceback of node %d:\n%s", node.node_id, outcome["trace"])
             reason = f"{type(exc)}:<'{exc}'>"
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         reply = outcome["reply"]

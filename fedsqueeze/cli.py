@@ -1,0 +1,255 @@
+"""The `fedsqueeze` command.
+
+    fedsqueeze simulate [--config FILE] [--set key=value ...] [--backend inprocess|ray]
+    fedsqueeze report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-accuracy A]
+    fedsqueeze demo [--out-dir DIR] [--backend inprocess|ray]
+
+`simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C stops the
+run cleanly and keeps every round already written to the run directory. Configuration errors are
+reported before anything starts (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+#: the default comparison of `fedsqueeze demo` (and `make demo`): name -> uplink compressor
+DEMO_RUNS = {
+    "uncompressed": "identity",
+    "topk-1pct": "topk(0.01)",
+    "topk-10pct": "topk(0.1)",
+    "qsgd-4": "qsgd(levels=4)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    _setup_logging(args.verbose)
+    return int(args.func(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsqueeze", description="Federated compressed training on Flower.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every round and client event")
+    sub = parser.add_subparsers(dest="command")
+
+    sim = sub.add_parser("simulate", help="run one federated training simulation")
+    sim.add_argument("--config", "-c", metavar="FILE", help="TOML file with config keys (see README)")
+    sim.add_argument(
+        "--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help="override one key"
+    )
+    sim.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess", help="simulation backend")
+    sim.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    sim.set_defaults(func=cmd_simulate)
+
+    rep = sub.add_parser("report", help="plots and a comparison table for run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", "-o", metavar="DIR", help="where to write (default: the run dir, or <parent>/report)")
+    rep.add_argument("--target-accuracy", type=float, default=None, help="accuracy for 'MB to target'")
+    rep.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo", help="the default comparison: uncompressed vs top-k vs qsgd, then its report")
+    demo.add_argument("--out-dir", default="runs/demo", metavar="DIR")
+    demo.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[])
+    demo.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess")
+    demo.add_argument("--quiet", "-q", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    logger = logging.getLogger("fedsqueeze")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+# ---- simulate ------------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsqueeze.config import ConfigError, resolve
+    from fedsqueeze.simulation.runner import preflight
+
+    console = _console()
+    try:
+        cfg = resolve(args.config, args.overrides)
+        preflight(cfg)  # a missing data file, bad task option or unmatched rule fails here, before anything starts
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return EXIT_CONFIG
+    return _run_one(cfg, args.backend, console, quiet=args.quiet)[0]
+
+
+def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple[int, Path | None]:
+    """Run one config with a progress bar; (exit code, run directory)."""
+    from fedsqueeze.simulation.runner import simulate
+
+    progress = _RoundProgress(console, cfg.name, cfg.rounds, quiet=quiet)
+    try:
+        with progress:
+            result = simulate(cfg, backend=backend, observer=progress.observe)
+    except KeyboardInterrupt:
+        where = progress.run_dir or f"{cfg.out_dir}/{cfg.name}"
+        console.print(f"[yellow]interrupted[/yellow]: kept {progress.rounds_done} round(s) in {where}")
+        return EXIT_INTERRUPTED, None
+    summary = result.summary
+    final = summary.get("final", {})
+    acc = final.get("test_accuracy")
+    up = summary.get("totals", {}).get("uplink_bytes", 0) / 1e6
+    to_target = summary.get("bytes_to_target")
+    line = f"{cfg.name}: {summary.get('rounds')} rounds, "
+    line += f"test accuracy {acc:.4f}, " if isinstance(acc, (int, float)) else ""
+    line += f"uplink {up:.3f} MB"
+    if cfg.target_accuracy:
+        line += (
+            f", {to_target / 1e6:.3f} MB to {cfg.target_accuracy:g}"
+            if to_target is not None
+            else f", target {cfg.target_accuracy:g} not reached"
+        )
+    failed = summary.get("totals", {}).get("clients_failed", 0)
+    if failed:
+        line += f", {failed} failed client replies"
+    console.print(line, highlight=False)
+    console.print(f"run directory: {result.run_dir}", highlight=False)
+    return 0, result.run_dir
+
+
+class _RoundProgress:
+    """A rich progress bar fed by the runner's observer events."""
+
+    def __init__(self, console: Any, name: str, rounds: int, quiet: bool = False) -> None:
+        self.console = console
+        self.name = name
+        self.rounds = rounds
+        self.quiet = quiet
+        self.run_dir: str | None = None
+        self.rounds_done = 0
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _RoundProgress:
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("acc {task.fields[acc]}"),
+                TextColumn("up {task.fields[up]} MB"),
+                TextColumn("{task.fields[note]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.name, total=self.rounds, acc="-", up="0.000", note="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def observe(self, event: str, data: dict[str, Any]) -> None:
+        if event == "start":
+            self.run_dir = data.get("run_dir")
+        elif event == "round":
+            self.rounds_done = int(data.get("round", self.rounds_done + 1))
+            if self._progress is not None:
+                acc = data.get("test_accuracy")
+                failed = int(data.get("clients_failed") or 0)
+                self._progress.update(
+                    self._task,
+                    completed=self.rounds_done,
+                    acc=f"{acc:.3f}" if isinstance(acc, (int, float)) else "-",
+                    up=f"{(data.get('cum_uplink_bytes') or 0) / 1e6:.3f}",
+                    note=f"[yellow]{failed} failed[/yellow]" if failed else "",
+                )
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsqueeze.tracking import TrackingError, report
+
+    console = _console()
+    dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else _default_report_dir(dirs)
+    try:
+        rep = report(dirs, out, target_accuracy=args.target_accuracy)
+    except TrackingError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_CONFIG
+    _print_report(rep, out)
+    return 0
+
+
+def _default_report_dir(dirs: Sequence[Path]) -> Path:
+    if len(dirs) == 1:
+        return dirs[0]
+    parents = {d.resolve().parent for d in dirs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / "report"
+
+
+def _print_report(rep: Any, out: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(rep.rich_table())
+    for plot in getattr(rep, "plots", []) or []:
+        console.print(f"plot: {plot}", highlight=False)
+    console.print(f"table: {out / 'comparison.md'}", highlight=False)
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """digits MLP, 20 clients, Dirichlet(0.3): uncompressed vs top-k vs qsgd, then the report."""
+    from fedsqueeze.config import ConfigError, resolve
+    from fedsqueeze.simulation.runner import preflight
+    from fedsqueeze.tracking import report
+
+    console = _console()
+    dirs = []
+    for name, spec in DEMO_RUNS.items():
+        try:
+            cfg = resolve(overrides=[f"name={name}", f"compressor={spec}", f"out-dir={args.out_dir}", *args.overrides])
+            preflight(cfg)
+        except ConfigError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            return EXIT_CONFIG
+        code, run_dir = _run_one(cfg, args.backend, console, quiet=args.quiet)
+        if code or run_dir is None:
+            return code
+        dirs.append(run_dir)  # a new directory each time (name-2, ...): earlier runs are kept
+    out = Path(args.out_dir) / "report"
+    _print_report(report(dirs, out), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
