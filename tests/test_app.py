@@ -1,0 +1,143 @@
+"""The Flower app declaration, the Message contract, and equality with Flower's own FedAvg."""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedsqueeze.algorithms import LocalConfig, derive_seed
+from fedsqueeze.algorithms.fedavg import local_sgd
+from fedsqueeze.config import Config, build_task, resolve
+from fedsqueeze.simulation.grid import InProcessGrid, run_inprocess, task_identity
+from fedsqueeze.simulation.runner import simulate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_declares_the_app_with_every_default():
+    app = _pyproject()["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "fedsqueeze.server.app:app",
+        "clientapp": "fedsqueeze.client.app:app",
+    }
+    assert app["config"] == Config().to_run_config()
+    assert Config.from_run_config(app["config"]) == Config()
+
+
+def test_fab_holds_the_package_and_not_tests_benchmarks_docs_or_runs():
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "fedsqueeze/client/app.py" in names and "fedsqueeze/server/app.py" in names
+    for folder in ("tests/", "benchmarks/", "docs/", "runs/", "simulations/", ".venv/"):
+        assert not any(n.startswith(folder) for n in names), folder
+    assert len(fab) < 10 * 1024 * 1024
+
+
+def test_component_references_pass_flowers_static_check():
+    from flwr.supercore.object_ref import validate
+
+    for ref in _pyproject()["tool"]["flwr"]["app"]["components"].values():
+        assert validate(ref, check_module=True, project_dir=ROOT) == (True, None)
+
+
+def test_message_contract(tmp_path):
+    """query answers the partition; train answers uint8 fedsqueeze/v1 payloads and the metrics."""
+    from fedsqueeze.client.app import STYPE, app, payload_record
+    from fedsqueeze.server.coordinator import Coordinator
+
+    cfg = resolve(overrides=["num-clients=3", "compressor=topk(0.1)", f"out-dir={tmp_path}"])
+    grid = InProcessGrid(app, 3, cfg.to_run_config())
+    node = grid.node_for_partition(2)
+    coord = Coordinator(cfg)
+    with task_identity(1):
+        query = Message(RecordDict(), dst_node_id=node, message_type="query")
+        (info,) = grid.send_and_receive([query], timeout=60)
+        assert info.content["info"]["partition-id"] == 2
+        assert info.content["info"]["num-examples"] == len(build_task(cfg).clients[2].train.y)
+        content = RecordDict(
+            {"broadcast": payload_record(coord.broadcast(1)), "config": ConfigRecord(coord.round_config(1))}
+        )
+        (reply,) = grid.send_and_receive([Message(content, dst_node_id=node, message_type="train")], timeout=60)
+    update = reply.content["update"]
+    assert list(update) == ["default"]
+    array = update["default"]
+    assert (array.dtype, array.stype, list(array.shape)) == ("uint8", STYPE, [len(array.data)])
+    metrics = reply.content["metrics"]
+    assert {"num-examples", "train-loss", "compression-error", "partition-id"} <= set(metrics)
+    decoded = coord.decode({"default": bytes(array.data)}, dict(metrics), 2, node)
+    assert decoded.update.numel() == coord.uplink.numel
+    assert int((decoded.update != 0).sum()) <= int(0.1 * coord.uplink.numel) + 1
+
+
+def test_identity_and_averaging_equal_flowers_fedavg(tmp_path):
+    """fedsqueeze (identity compressor, example-weighted averaging) == flwr.serverapp.strategy.FedAvg."""
+    cfg = resolve(
+        overrides=[
+            "num-clients=4",
+            "rounds=3",
+            "local-steps=4",
+            "batch-size=16",
+            "lr=0.1",
+            "compressor=identity",
+            f"out-dir={tmp_path}",
+        ]
+    )
+    ours = torch.load(simulate(cfg).run_dir / "model.pt")
+    task = build_task(cfg)
+
+    flower_client = ClientApp()
+
+    @flower_client.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])
+        data = task.clients[pid].train
+        model = task.new_model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        local = LocalConfig(rnd, cfg.lr, cfg.local_steps, cfg.local_epochs, cfg.batch_size,
+                            derive_seed(cfg.seed, rnd, pid, "local"))  # fmt: skip
+        y, _ = local_sgd(x, model, data.x, data.y, task.loss_fn, local)
+        torch.nn.utils.vector_to_parameters(y, model.parameters())
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(data.y)})}
+        )
+        return Message(content, reply_to=msg)
+
+    flower_server = ServerApp()
+    result: dict = {}
+
+    @flower_server.main()
+    def main(grid: Grid, context: Context) -> None:
+        init = task.new_model(seed=derive_seed(cfg.seed, "init"))
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=cfg.num_clients)
+        result["arrays"] = strategy.start(grid, ArrayRecord(init.state_dict()), num_rounds=cfg.rounds).arrays
+
+    run_inprocess(flower_server, flower_client, cfg.num_clients, {})
+    theirs = result["arrays"].to_torch_state_dict()
+    assert set(ours) == set(theirs)
+    init = task.new_model(seed=derive_seed(cfg.seed, "init")).state_dict()
+    for name in ours:
+        moved = float((ours[name] - init[name]).abs().max())
+        assert moved > 1e-3  # the models trained
+        np.testing.assert_allclose(ours[name].numpy(), theirs[name].numpy(), rtol=0, atol=2e-6)
