@@ -670,7 +670,7 @@ def test_rice_parameter_is_optimal_and_streams_round_trip():
             cost = [n * (k + 1) + int((v >> k).sum()) for k in range(40)]
             assert cost[plan.k] == min(cost)
             assert rice.plan_from_histogram(np.bincount(v, minlength=1)) == plan
-            unary, rem = rice.encode(v, plan)
+            unary, rem = rice.encode(v, plan.k)
             assert (len(unary), len(rem)) == (plan.unary_bytes, plan.remainder_bytes)
             top = int(v.max()) if n else 0
             assert np.array_equal(rice.decode(plan.k, unary, rem, n, top, int(v.sum())), v)
@@ -709,4 +709,5 @@ def test_int_codes_nest_sparse_forms_for_peaked_values():
     msg = pb.IntCode()
     ints.write_ints(plan, msg)
     assert msg.ByteSize() == plan.nbytes
-    assert np.array_equal(ints.read_ints(msg, v.size, int(v.max()), "test"), v)
+    decoded, pos = ints.read_ints(msg, v.size, int(v.max()), "test")
+    assert np.array_equal(decoded, v) and np.array_equal(pos, np.flatnonzero(v))

@@ -180,6 +180,22 @@ def _max_checked(values: np.ndarray, hi: int, what: str) -> int:
     return mx
 
 
+def _scatter_signs(data: bytes, values: np.ndarray, pos: np.ndarray | None, what: str) -> np.ndarray:
+    """The negative mask from one sign bit per nonzero value (False where the value is 0)."""
+    if pos is None:
+        nonzero = values != 0
+        nnz = int(np.count_nonzero(nonzero))
+        signs = unpack_mask(data, nnz, what)
+        if nnz == values.size:
+            return signs
+        negative = np.zeros(values.size, dtype=bool)
+        negative[nonzero] = signs
+        return negative
+    negative = np.zeros(values.size, dtype=bool)
+    negative[pos] = unpack_mask(data, pos.size, what)
+    return negative
+
+
 # ---------------------------------------------------------------------------------------------
 # Dense
 
@@ -264,7 +280,7 @@ def _encode_quantized(c: Quantized, body, n: int, depth: int) -> None:
         _max_checked(mags, int(s), "quantized magnitudes")
     plan = plan_ints(mags)
     write_ints(plan, body.magnitudes)
-    body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[mags != 0])
+    body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[plan.nonzero])
 
 
 def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized:
@@ -274,11 +290,8 @@ def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized
     scale = body.scale
     if not math.isfinite(scale):
         raise PayloadError(f"quantized scale {scale} is not finite")
-    mags = read_ints(body.magnitudes, n, s, "quantized magnitudes").astype(np.int32)
-    nonzero = mags != 0
-    signs = unpack_mask(body.negative, int(np.count_nonzero(nonzero)), "quantized negative")
-    negative = np.zeros(n, dtype=bool)
-    negative[nonzero] = signs
+    mags, pos = read_ints(body.magnitudes, n, s, "quantized magnitudes", dtype=np.int32)
+    negative = _scatter_signs(body.negative, mags, pos, "quantized negative")
     return Quantized(
         numel=n,
         dtype=dtype,
@@ -317,7 +330,7 @@ def _encode_natural(c: Natural, body, n: int, depth: int) -> None:
     if hist[0] == 0:
         body.negative = pack_mask(negative)
     else:
-        body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[codes != 0])
+        body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[plan.nonzero])
 
 
 def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
@@ -327,18 +340,11 @@ def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
     symbols = unpack_uint(body.symbols, m, _SYMBOL_BITS, "natural table").astype(np.int16)
     if m and (int(symbols.min()) < 1 or int(symbols.max()) > NATURAL_MAX_CODE or np.unique(symbols).size != m):
         raise PayloadError(f"natural table must hold distinct codes in [1, {NATURAL_MAX_CODE}]")
-    values = read_ints(body.values, n, m, "natural values")
+    values, pos = read_ints(body.values, n, m, "natural values")
     lut = np.zeros(m + 1, dtype=np.int16)
     lut[1:] = symbols
     codes = lut[values]
-    nonzero = values != 0
-    nnz = int(np.count_nonzero(nonzero))
-    signs = unpack_mask(body.negative, nnz, "natural negative")
-    if nnz == n:
-        negative = signs
-    else:
-        negative = np.zeros(n, dtype=bool)
-        negative[nonzero] = signs
+    negative = _scatter_signs(body.negative, values, pos, "natural negative")
     return Natural(numel=n, dtype=dtype, negative=torch.from_numpy(negative), codes=torch.from_numpy(codes))
 
 

@@ -94,7 +94,7 @@ def write_index_set(
     target = getattr(msg, plan.coding)
     target.SetInParent()
     target.k = plan.rice.k
-    target.unary, target.remainders = rice.encode(plan.gaps, plan.rice)
+    target.unary, target.remainders = rice.encode(plan.gaps, plan.rice.k)
 
 
 def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.ndarray:

@@ -6,8 +6,9 @@
   Nesting it peels a peaked distribution one level at a time, each level an index set near its
   entropy, so QSGD levels (mostly 0, else mostly 1) cost close to their entropy, not >= 1 bit
   per value as any Rice code would.
-Fixed and Rice costs come from a histogram (or a few vectorised passes for wide alphabets); the
-sparse form is costed only for sequences that are at least half zeros.
+Fixed and Rice costs come from a histogram (or a few vectorised passes for wide alphabets), which
+for long sequences is estimated from a regular sample; the sparse form is costed only for
+sequences that are at least half zeros.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from .indices import (
 MAX_INT_DEPTH = 4
 # alphabets below this size get their costs from a histogram instead of passes over the data
 HISTOGRAM_LIMIT = 1 << 16
+# sequences longer than twice this get their Rice costs from a sample of about this many values
+SAMPLE = 1 << 18
 
 
 def uint_field_size(value: int) -> int:
@@ -52,10 +55,11 @@ class IntPlan:
     form: str  # "fixed", "rice" or "sparse"
     nbytes: int
     values: np.ndarray
-    width: int = 0
+    width: int = 0  # bit length of the largest value
     rice: rice.RicePlan | None = None
     count: int = 0
     positions: np.ndarray | None = None  # of the nonzero values, when they were computed
+    nonzero: np.ndarray | None = field(default=None, repr=False)  # values != 0
     support: IndexPlan | None = None
     minus_one: IntPlan | None = field(default=None, repr=False)
 
@@ -83,18 +87,24 @@ def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None
     else:
         mx = int(values.max())
         if hist is None and mx < HISTOGRAM_LIMIT:
-            hist = np.bincount(values.astype(np.intp, copy=False), minlength=mx + 1)
+            # long sequences: estimate the histogram from a regular sample (a full one costs more
+            # than the rest of planning); it only steers the choice of form and Rice parameter
+            stride = max(1, n // SAMPLE)
+            hist = np.bincount(values[::stride].astype(np.intp), minlength=mx + 1)
+            if stride > 1:
+                hist *= stride
     width = mx.bit_length()
     best = IntPlan("fixed", field_size(fixed_width_size(width, n)), values, width=width, positions=pos)
     rice_plan = rice.plan_from_histogram(hist) if hist is not None else rice.plan(values.astype(np.int64))
     size = field_size(rice_message_size(rice_plan))
     if size < best.nbytes:
-        best = IntPlan("rice", size, values, rice=rice_plan, positions=pos)
+        best = IntPlan("rice", size, values, width=width, rice=rice_plan, positions=pos)
     if sub_plan is not None:
         inner = uint_field_size(nnz) + field_size(support.nbytes) + field_size(sub_plan.nbytes)
         size = field_size(inner)
         if size < best.nbytes:
             best = IntPlan("sparse", size, values, count=nnz, positions=pos, support=support, minus_one=sub_plan)
+    best.nonzero = nonzero
     return best
 
 
@@ -107,7 +117,7 @@ def write_ints(plan: IntPlan, msg) -> None:
     elif plan.form == "rice":
         msg.rice.SetInParent()
         msg.rice.k = plan.rice.k
-        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice)
+        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice.k, (1 << plan.width) - 1)
     else:
         sp = msg.sparse
         sp.SetInParent()
@@ -116,10 +126,13 @@ def write_ints(plan: IntPlan, msg) -> None:
         write_ints(plan.minus_one, sp.minus_one)
 
 
-def read_ints(msg, n: int, max_value: int, what: str, depth: int = 1) -> np.ndarray:
-    """The n integers of an IntCode message, each in [0, max_value], as the smallest unsigned
-    dtype that holds max_value."""
-    dt = uint_dtype(max(max_value.bit_length(), 1))
+def read_ints(
+    msg, n: int, max_value: int, what: str, depth: int = 1, dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The n integers of an IntCode message, each in [0, max_value], and (for the sparse form)
+    the positions of the nonzero ones. Values come as `dtype` (default: the smallest unsigned
+    dtype that holds max_value), which must hold max_value."""
+    dt = np.dtype(dtype) if dtype is not None else uint_dtype(max(max_value.bit_length(), 1))
     form = msg.WhichOneof("form")
     if form == "fixed":
         width = msg.fixed.width
@@ -128,10 +141,10 @@ def read_ints(msg, n: int, max_value: int, what: str, depth: int = 1) -> np.ndar
         values = unpack_uint(msg.fixed.data, n, width, what)
         if n and int(values.max()) > max_value:
             raise PayloadError(f"{what}: value {int(values.max())} exceeds {max_value}")
-        return values.astype(dt, copy=False)
+        return values.astype(dt, copy=False), None
     if form == "rice":
         r = msg.rice
-        return rice.decode(r.k, r.unary, r.remainders, n, max_value, n * max_value, what).astype(dt)
+        return rice.decode(r.k, r.unary, r.remainders, n, max_value, n * max_value, what).astype(dt), None
     if form == "sparse":
         if depth >= MAX_INT_DEPTH:
             raise PayloadError(f"{what}: sparse integer codes nest more than {MAX_INT_DEPTH} deep")
@@ -142,10 +155,9 @@ def read_ints(msg, n: int, max_value: int, what: str, depth: int = 1) -> np.ndar
         if count and max_value < 1:
             raise PayloadError(f"{what}: nonzero values where the bound is 0")
         pos = decode_index_set(sp.support, n, count, f"{what} support")
-        sub = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1)
-        sub = sub.astype(dt)
+        sub, _ = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1, dt)
         sub += 1
         values = np.zeros(n, dtype=dt)
         values[pos] = sub
-        return values
+        return values, pos
     raise PayloadError(f"{what}: no form set")

@@ -77,15 +77,18 @@ def plan_from_histogram(hist: np.ndarray) -> RicePlan:
     return _search(n, total, lambda k: int(hist @ (support >> k)))
 
 
-def encode(values: np.ndarray, plan: RicePlan) -> tuple[bytes, bytes]:
-    """The unary and remainder streams of non-negative integers, with the parameter of `plan`
-    (which must have been made for these values)."""
+def encode(values: np.ndarray, k: int, max_value: int | None = None) -> tuple[bytes, bytes]:
+    """The unary and remainder streams of non-negative integers with parameter k (max_value, if
+    given, bounds the values)."""
     values = np.asarray(values)
-    n, k = values.size, plan.k
+    n = values.size
     if n == 0:
         return b"", b""
+    if max_value is None:
+        max_value = int(values.max())
     # one-bit positions fit in int32 for streams under 2**31 bits: half the memory traffic
-    work = np.int32 if 8 * plan.unary_bytes < 2**31 and values.itemsize <= 4 else np.int64
+    small = values.itemsize <= 4 and n * ((max_value >> k) + 1) < 2**31
+    work = np.int32 if small else np.int64
     if k:
         q = np.right_shift(values, k, dtype=work)
         q += 1
