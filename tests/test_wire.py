@@ -509,6 +509,26 @@ def test_non_finite_values_are_rejected_both_ways():
         encode(Sign(3, torch.float32, 1e39, torch.zeros(3, dtype=torch.bool)))  # overflows float32
 
 
+@pytest.mark.parametrize("precision", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_of_every_precision_are_refused(precision, bad):
+    x = torch.tensor([1.0, bad, -2.0]).to(precision)
+    with pytest.raises(PayloadError, match="non-finite"):
+        encode(Dense(3, torch.float32, x))
+    msg = parse(encode(Dense(3, torch.float32, torch.ones(3, dtype=precision))))
+    msg.dense.values = x.view(INT_VIEW[precision]).numpy().tobytes()
+    with pytest.raises(PayloadError, match="non-finite"):
+        decode(msg.SerializeToString(), 3)
+    factors = torch.ones(2, 1)
+    factors[1, 0] = bad
+    with pytest.raises(PayloadError, match="non-finite"):
+        encode(
+            LowRank(
+                4, torch.float32, (LowRankBlock(0, 2, 2, factors, torch.ones(2, 1)),), Dense(0, torch.float32, x[:0])
+            )
+        )
+
+
 def test_invalid_payload_objects_cannot_be_encoded():
     gen = torch.Generator().manual_seed(0)
     dense = make_dense(3, gen)
