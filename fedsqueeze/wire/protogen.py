@@ -133,12 +133,13 @@ def check(out_root: Path = OUT_ROOT, proto_root: Path = PROTO_ROOT) -> list[str]
         run_protoc(Path(tmp), proto_root)
         fresh = _generated(Path(tmp))
     committed = _generated(out_root) if out_root.exists() else {}
+    shown = out_root.relative_to(REPO_ROOT) if out_root.is_relative_to(REPO_ROOT) else out_root
     problems = []
     for name in sorted(set(fresh) | set(committed)):
         if name not in committed:
-            problems.append(f"missing: {out_root.name}/{name}")
+            problems.append(f"missing: {shown}/{name}")
         elif name not in fresh:
-            problems.append(f"stale (no .proto source): {out_root.name}/{name}")
+            problems.append(f"stale (no .proto source): {shown}/{name}")
         elif committed[name] != fresh[name]:
             diff = difflib.unified_diff(
                 committed[name].decode(errors="replace").splitlines(),
@@ -148,7 +149,8 @@ def check(out_root: Path = OUT_ROOT, proto_root: Path = PROTO_ROOT) -> list[str]
                 lineterm="",
                 n=1,
             )
-            problems.append(f"differs: {out_root.name}/{name}\n" + "\n".join(list(diff)[:20]))
+            lines = [line if len(line) <= 160 else line[:157] + "..." for line in list(diff)[:20]]
+            problems.append(f"differs: {shown}/{name}\n" + "\n".join(lines))
     return problems
 
 
