@@ -47,6 +47,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
 
+#: on Ctrl-C, how long to wait for the ClientApp call in flight before the interrupt goes on
+INTERRUPT_GRACE_S = 30.0
+
 ClientAppLike = ClientApp | Callable[[], ClientApp] | str
 UserConfig = dict[str, bool | float | int | str]
 
@@ -204,7 +207,13 @@ class InProcessGrid(Grid):
         if self._worker is None or not self._worker.idle():
             self._worker = _Worker.get()
         done = self._worker.submit(work)
-        if not done.wait(None if timeout is None else max(timeout, 0.0)):
+        try:
+            finished = done.wait(None if timeout is None else max(timeout, 0.0))
+        except KeyboardInterrupt:
+            # let the call in flight end: a process that exits while a thread is inside torch aborts
+            done.wait(INTERRUPT_GRACE_S)
+            raise
+        if not finished:
             node.busy = self._worker  # abandoned: this worker is stuck in that call
             self._worker = None
             log.warning("node %d did not reply within %.3g s: its reply is dropped", node.node_id, timeout)
