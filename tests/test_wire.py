@@ -294,7 +294,7 @@ def test_quantized_form_follows_the_data(density, levels, form):
 
 def test_quantized_geometric_magnitudes_use_rice():
     n = 20_000
-    mags = torch.from_numpy(np.random.default_rng(0).geometric(0.05, n).clip(max=1000)).int()
+    mags = torch.from_numpy(np.random.default_rng(0).geometric(0.05, n).clip(max=1000) - 1).int()
     c = Quantized(n, torch.float32, 1.0, 1000, mags > 10, mags)
     _, data = assert_round_trip(c)
     assert parse(data).quantized.magnitudes.WhichOneof("form") == "rice"

@@ -34,7 +34,7 @@ from .bits import pack_mask, pack_uint, unpack_mask, unpack_uint
 from .errors import PayloadError
 from .floats import VALUE_CODES, bytes_tensor, check_scale, code_dtype, dtype_code, tensor_bytes
 from .indices import decode_index_set, plan_index_set, write_index_set
-from .ints import plan_ints, read_ints, write_ints
+from .ints import IntPlan, plan_ints, read_ints, write_ints
 
 WIRE_VERSION = 1
 #: bodies nest at most this deep (the top-level body is depth 1)
@@ -180,6 +180,13 @@ def _max_checked(values: np.ndarray, hi: int, what: str) -> int:
     return mx
 
 
+def _nonzero_signs(negative: np.ndarray, plan: IntPlan) -> np.ndarray:
+    """The signs of the nonzero values, in order."""
+    if plan.nnz == negative.size:
+        return negative
+    return negative[plan.positions] if plan.positions is not None else negative[plan.nonzero]
+
+
 def _scatter_signs(data: bytes, values: np.ndarray, pos: np.ndarray | None, what: str) -> np.ndarray:
     """The negative mask from one sign bit per nonzero value (False where the value is 0)."""
     if pos is None:
@@ -280,7 +287,7 @@ def _encode_quantized(c: Quantized, body, n: int, depth: int) -> None:
         _max_checked(mags, int(s), "quantized magnitudes")
     plan = plan_ints(mags)
     write_ints(plan, body.magnitudes)
-    body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[plan.nonzero])
+    body.negative = pack_mask(_nonzero_signs(negative, plan))
 
 
 def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized:
@@ -327,10 +334,7 @@ def _encode_natural(c: Natural, body, n: int, depth: int) -> None:
     body.symbol_count = symbols.size
     body.symbols = pack_uint(symbols, _SYMBOL_BITS)
     write_ints(plan, body.values)
-    if hist[0] == 0:
-        body.negative = pack_mask(negative)
-    else:
-        body.negative = pack_mask(negative[plan.positions] if plan.positions is not None else negative[plan.nonzero])
+    body.negative = pack_mask(_nonzero_signs(negative, plan))
 
 
 def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:

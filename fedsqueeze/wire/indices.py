@@ -123,6 +123,8 @@ def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.nda
     if coding == "complement_gaps":
         g = msg.complement_gaps
         gaps = rice.decode(g.k, g.unary, g.remainders, n - count, count, count, f"{what} complement gaps")
+        if count == n:
+            return np.arange(n, dtype=np.int64)
         gaps += 1
         outside = np.cumsum(gaps, out=gaps)
         outside -= 1

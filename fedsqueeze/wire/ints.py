@@ -7,8 +7,9 @@
   entropy, so QSGD levels (mostly 0, else mostly 1) cost close to their entropy, not >= 1 bit
   per value as any Rice code would.
 Fixed and Rice costs come from a histogram (or a few vectorised passes for wide alphabets), which
-for long sequences is estimated from a regular sample; the sparse form is costed only for
-sequences that are at least half zeros.
+for long sequences is estimated from a regular sample; the sparse form is costed where it can pay:
+no zeros at all (it then costs a few bytes and the rest is coded as value - 1), or at least a
+quarter zeros.
 """
 
 from __future__ import annotations
@@ -60,8 +61,20 @@ class IntPlan:
     count: int = 0
     positions: np.ndarray | None = None  # of the nonzero values, when they were computed
     nonzero: np.ndarray | None = field(default=None, repr=False)  # values != 0
+    nnz: int = 0  # how many values are nonzero
+    width_max: int = 0  # the largest value
     support: IndexPlan | None = None
     minus_one: IntPlan | None = field(default=None, repr=False)
+
+
+def _histogram(values: np.ndarray, size: int) -> np.ndarray:
+    """Counts of 0..size-1 among the values; estimated from a regular sample for long sequences
+    (a full histogram costs more than the rest of planning, and it only steers choices)."""
+    stride = max(1, values.size // SAMPLE)
+    hist = np.bincount(values[::stride].astype(np.intp), minlength=size)
+    if stride > 1:
+        hist *= stride
+    return hist
 
 
 def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None) -> IntPlan:
@@ -73,38 +86,36 @@ def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None
     nonzero = values != 0
     nnz = int(np.count_nonzero(nonzero))
     pos = sub_plan = support = None
-    if depth < MAX_INT_DEPTH and 2 * nnz <= n:
-        # mostly zeros: the positions and values of the nonzeros give every other cost cheaply
-        pos = np.flatnonzero(nonzero)
-        sub = values[pos].astype(np.int64)
-        sub -= 1
+    # The sparse form peels off the zeros (an index set near its entropy when they are rare or
+    # common) and recurses on value - 1; with no zeros it only costs a few bytes.
+    if depth < MAX_INT_DEPTH and (nnz == n or 4 * nnz <= 3 * n):
+        if nnz == n:
+            sub = values - 1
+        else:
+            pos = np.flatnonzero(nonzero)
+            sub = values[pos]
+            sub -= 1
         sub_plan = plan_ints(sub, depth + 1)
-        support = plan_index_set(n, nnz, indices=pos)
-        mx = int(sub.max()) + 1 if nnz else 0
+        support = plan_index_set(n, nnz, indices=pos, mask=nonzero)
+        mx = sub_plan.width_max + 1 if nnz else 0
         if hist is None and mx < HISTOGRAM_LIMIT:
-            hist = np.bincount(sub, minlength=mx)
-            hist = np.concatenate([[n - nnz], hist])
+            hist = np.concatenate([[n - nnz], _histogram(sub, mx)])
     else:
         mx = int(values.max())
         if hist is None and mx < HISTOGRAM_LIMIT:
-            # long sequences: estimate the histogram from a regular sample (a full one costs more
-            # than the rest of planning); it only steers the choice of form and Rice parameter
-            stride = max(1, n // SAMPLE)
-            hist = np.bincount(values[::stride].astype(np.intp), minlength=mx + 1)
-            if stride > 1:
-                hist *= stride
+            hist = _histogram(values, mx + 1)
     width = mx.bit_length()
-    best = IntPlan("fixed", field_size(fixed_width_size(width, n)), values, width=width, positions=pos)
+    best = IntPlan("fixed", field_size(fixed_width_size(width, n)), values, width=width)
     rice_plan = rice.plan_from_histogram(hist) if hist is not None else rice.plan(values.astype(np.int64))
     size = field_size(rice_message_size(rice_plan))
     if size < best.nbytes:
-        best = IntPlan("rice", size, values, width=width, rice=rice_plan, positions=pos)
+        best = IntPlan("rice", size, values, width=width, rice=rice_plan)
     if sub_plan is not None:
         inner = uint_field_size(nnz) + field_size(support.nbytes) + field_size(sub_plan.nbytes)
         size = field_size(inner)
         if size < best.nbytes:
-            best = IntPlan("sparse", size, values, count=nnz, positions=pos, support=support, minus_one=sub_plan)
-    best.nonzero = nonzero
+            best = IntPlan("sparse", size, values, width=width, count=nnz, support=support, minus_one=sub_plan)
+    best.positions, best.nonzero, best.nnz, best.width_max = pos, nonzero, nnz, mx
     return best
 
 
@@ -117,12 +128,12 @@ def write_ints(plan: IntPlan, msg) -> None:
     elif plan.form == "rice":
         msg.rice.SetInParent()
         msg.rice.k = plan.rice.k
-        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice.k, (1 << plan.width) - 1)
+        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice.k, plan.width_max)
     else:
         sp = msg.sparse
         sp.SetInParent()
         sp.count = plan.count
-        write_index_set(plan.support, sp.support, plan.values.size, indices=plan.positions)
+        write_index_set(plan.support, sp.support, plan.values.size, indices=plan.positions, mask=plan.nonzero)
         write_ints(plan.minus_one, sp.minus_one)
 
 
@@ -157,6 +168,8 @@ def read_ints(
         pos = decode_index_set(sp.support, n, count, f"{what} support")
         sub, _ = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1, dt)
         sub += 1
+        if count == n:
+            return sub, None
         values = np.zeros(n, dtype=dt)
         values[pos] = sub
         return values, pos
