@@ -111,8 +111,11 @@ def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple
         with progress:
             result = simulate(cfg, backend=backend, observer=progress.observe)
     except KeyboardInterrupt:
-        where = progress.run_dir or f"{cfg.out_dir}/{cfg.name}"
-        console.print(f"[yellow]interrupted[/yellow]: kept {progress.rounds_done} round(s) in {where}")
+        from fedsqueeze.tracking import read_metrics
+
+        where = Path(progress.run_dir or Path(cfg.out_dir) / cfg.name)
+        kept = len(read_metrics(where / "metrics.jsonl"))
+        console.print(f"[yellow]interrupted[/yellow]: kept {kept} round(s) in {where}", highlight=False)
         return EXIT_INTERRUPTED, None
     summary = result.summary
     final = summary.get("final", {})

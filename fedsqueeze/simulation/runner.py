@@ -235,6 +235,17 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+def _write_interrupted_summary(cfg: Config, run_dir: Path) -> None:
+    """The ServerApp in the simulation process is stopped before it can write summary.json: write it here."""
+    from fedsqueeze.tracking import RunDir, read_metrics, summarize
+
+    if not run_dir.is_dir() or (run_dir / "summary.json").exists():
+        return
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    summary = summarize(rows, target_accuracy=cfg.target_accuracy or None, status="interrupted", run_dir=str(run_dir))
+    RunDir(run_dir).write_summary(summary)
+
+
 def _unique_run_name(cfg: Config) -> Config:
     """Pick the run directory now (as RunDir.create would), so the runner knows where to look."""
     root = Path(cfg.out_dir).resolve()
@@ -354,10 +365,9 @@ def run_ray(
                     notify("round", row)
                 seen = len(rows)
                 summary_path = run_dir / "summary.json"
+                # the run is over when the ServerApp wrote its summary (flwr run --stream may linger)
                 if summary_path.exists() or run_proc.poll() is not None:
-                    # the run is over when the ServerApp wrote its summary (flwr run --stream may linger)
-                    if summary_path.exists() or run_proc.poll() is not None:
-                        break
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"the Ray simulation did not finish within {timeout:.0f} s; see {run_log}")
                 time.sleep(0.2)
@@ -379,6 +389,9 @@ def run_ray(
             timings["setup_s"] = summary["setup_s"]  # model, task and node discovery (Ray starts here)
         timings["rounds_s"] = sum(float(r.get("wall_s") or 0.0) for r in rows)
         return SimulationResult(run_dir, summary, rows, timings)
+    except KeyboardInterrupt:
+        _write_interrupted_summary(cfg, run_dir)
+        raise
     finally:
         if run_proc is not None:
             _stop(run_proc, grace=5.0)
