@@ -1,0 +1,298 @@
+"""The mechanism interface: a client half and a server half around a compression codec.
+
+A *codec* is anything with `compress(x, generator) -> payload` and `decompress(payload) -> Tensor`:
+a `fedsqueeze.compressors.Compressor` (payload: one `Compressed`) or a per-tensor plan such as
+`fedsqueeze.algorithms.updates.UpdatePlan` (payload: a list of `Compressed`). A mechanism never
+looks inside a payload.
+
+Client half (runs on the node; `state` is the node's persistent dict of tensors, kept between rounds
+and across rounds in which the client is not sampled; every key a mechanism uses starts with
+`feedback.` so that it can share the dict with an algorithm's own state):
+
+    out = mechanism.prepare(v, state, generator)  # compress; state untouched
+    send(out.payload)
+    mechanism.commit(state, out)                  # the state update after sending
+    # or both at once: payload = mechanism.client_step(v, state, generator)
+
+The client updates its memory with the *decoded* payload (`out.sent`), the exact vector the server
+will reconstruct, so that both sides' running quantities stay equal bit for bit. With `init=full`
+(EF21, EF-BV, DIANA) a client's first message is its vector uncompressed; the client knows it is the
+first because its state has no memory yet, the EF-BV and DIANA servers because of a bit per client.
+A client that loses its state while the server keeps its own breaks that agreement (and the running
+means): client state must persist for the whole run.
+
+Server half (one object per run, holding the server's running quantities in `state`):
+
+    server = mechanism.server(num_clients, weights=None)
+    g = server.aggregate({client_id: decoded_vector, ...})
+
+`weights` are the clients' shares p_i of the objective f = sum_i p_i f_i (uniform 1/n by default;
+normalised to sum to 1 over all n clients). They are fixed for the run: the running means the
+stateful mechanisms keep (h = sum_i p_i h_i) are only meaningful with fixed shares.
+
+Partial participation: when only a cohort S replies, P_S = sum_{i in S} p_i is the cohort's share.
+Every module documents what its server does with P_S; the rule common to all of them is that a
+running mean over all clients (EF21's g, DIANA's and EF-BV's h) is updated with p_i times each
+replying client's own increment, so it stays exactly the weighted mean of every client's memory,
+sampled or not.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+Payload = Any  # a Compressed, or a list of Compressed for a multi-group codec
+
+#: prefix of every key a mechanism keeps in the client's state dict
+STATE_PREFIX = "feedback."
+
+
+class FeedbackError(ValueError):
+    """A feedback spec, argument, message or state that cannot be used; the message says why."""
+
+
+class Codec(Protocol):
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Payload: ...
+
+    def decompress(self, payload: Payload) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Outgoing:
+    """A prepared client message: the payload to send and the vector the server will decode from it."""
+
+    payload: Payload
+    #: decompress(payload), in the dtype of the client's vector
+    sent: torch.Tensor
+    #: the client's memory after sending (written into the state by `commit`)
+    new_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: True when this is the client's first message and it carries its vector uncompressed
+    initial: bool = False
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument a feedback spec accepts."""
+
+    name: str
+    #: turns the spec value into the stored one, raising FeedbackError with the reason if invalid
+    check: Callable[[str, Any], Any]
+    #: None: resolved from the compressor's constants when the mechanism is built
+    default: Any = None
+    help: str = ""
+
+
+def unit_interval(what: str, value: Any) -> float:
+    """A number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise FeedbackError(f"{what} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def choice(*valid: str) -> Callable[[str, Any], str]:
+    def check(what: str, value: Any) -> str:
+        if value not in valid:
+            raise FeedbackError(f"{what} must be one of {', '.join(valid)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+INIT_PARAM_HELP = "full: the first message of a client is its vector uncompressed; zero: memory starts at 0"
+
+
+# --------------------------------------------------------------------------- mechanism
+
+
+class Mechanism(ABC):
+    """Error feedback or variance reduction around a codec: client half plus a factory for the server half."""
+
+    #: registered name, used in specs
+    name: str = ""
+    #: the arguments its spec accepts, in positional order
+    params: tuple[Param, ...] = ()
+    #: state keys this mechanism keeps on the client (documentation and checks)
+    client_keys: tuple[str, ...] = ()
+
+    def __init__(self, codec: Codec, dense: Codec | None = None) -> None:
+        self.codec = codec
+        self._dense = dense
+
+    # ---- client half ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare(self, v: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator | None) -> Outgoing:
+        """Compress this round's vector v_i (flat); reads `state`, does not change it."""
+
+    def commit(self, state: dict[str, torch.Tensor], out: Outgoing) -> None:
+        """Update the client's memory once `out.payload` is sent (writes `out.new_state`)."""
+        state.update(out.new_state)
+
+    def client_step(
+        self, v: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> Payload:
+        """prepare + commit: the payload to send; `state` is updated in place."""
+        out = self.prepare(v, state, generator)
+        self.commit(state, out)
+        return out.payload
+
+    # ---- server half ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
+        """A fresh server half for a run with `num_clients` clients with shares `weights`."""
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve(cls, codec: Codec, kwargs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        """Fill the arguments left as None from the codec's constants (`ctx`: a registry.Context)."""
+        return kwargs
+
+    def arguments(self) -> dict[str, Any]:
+        """The resolved arguments (for the spec and for logging the values a run used)."""
+        return {}
+
+    @property
+    def spec(self) -> str:
+        args = ", ".join(f"{k}={_format(v)}" for k, v in self.arguments().items())
+        return f"{self.name}({args})" if args else self.name
+
+    def __repr__(self) -> str:
+        return f"<feedback {self.spec}>"
+
+    def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[Payload, torch.Tensor]:
+        payload = self.codec.compress(x, generator)
+        return payload, self.codec.decompress(payload).to(x.dtype).reshape(-1)
+
+    def _compress_dense(self, x: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """The vector as exactly as the wire carries it (float32 values), for a client's first message."""
+        if self._dense is None:
+            from fedsqueeze.compressors import build
+
+            self._dense = build("identity")
+        payload = self._dense.compress(x, None)
+        return payload, self._dense.decompress(payload).to(x.dtype).reshape(-1)
+
+
+class ServerHalf(ABC):
+    """The server's running quantities of a mechanism and the estimate it forms from the replies."""
+
+    def __init__(self, num_clients: int, weights: Sequence[float] | None = None) -> None:
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise FeedbackError(f"num_clients must be a positive integer, got {num_clients!r}")
+        self.num_clients = num_clients
+        self.p = client_shares(num_clients, weights)
+        #: the running quantities (tensors only, so that a checkpoint can store them)
+        self.state: dict[str, torch.Tensor] = {}
+
+    @abstractmethod
+    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """The estimate g from the decoded messages of the clients that replied this round."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _messages(
+        self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]
+    ) -> list[tuple[int, float, torch.Tensor]]:
+        """(client, p_i, vector) sorted by client id, checked; the sum order never depends on arrival order."""
+        pairs = list(messages.items()) if isinstance(messages, Mapping) else list(messages)
+        if not pairs:
+            raise FeedbackError("no client messages to aggregate (skip the round instead)")
+        seen: set[int] = set()
+        out = []
+        dim = None
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise FeedbackError(f"expected (client id, vector) pairs, got {type(pair).__name__}")
+            cid, vec = pair
+            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < self.num_clients:
+                raise FeedbackError(f"client id {cid!r} is outside 0..{self.num_clients - 1}")
+            if cid in seen:
+                raise FeedbackError(f"client {cid} replied twice in one round")
+            seen.add(cid)
+            if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
+                raise FeedbackError(f"client {cid}: expected a flat tensor, got {getattr(vec, 'shape', type(vec))}")
+            if dim is None:
+                dim = vec.numel()
+            elif vec.numel() != dim:
+                raise FeedbackError(f"client {cid}: vector of length {vec.numel()}, others have {dim}")
+            out.append((cid, float(self.p[cid]), vec))
+        out.sort(key=lambda t: t[0])
+        return out
+
+    def _running(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The running vector `key`, zero until a first message arrives."""
+        value = self.state.get(key)
+        if value is None:
+            value = torch.zeros_like(like)
+            self.state[key] = value
+        elif value.shape != like.shape:
+            raise FeedbackError(f"messages have length {like.numel()}, the server's {key} has {value.numel()}")
+        return value
+
+    def _seen(self) -> torch.Tensor:
+        """Which clients have sent their first message (a bool per client)."""
+        seen = self.state.get("seen")
+        if seen is None:
+            seen = torch.zeros(self.num_clients, dtype=torch.bool)
+            self.state["seen"] = seen
+        return seen
+
+
+def client_shares(num_clients: int, weights: Sequence[float] | None) -> torch.Tensor:
+    """p_i as float64, summing to 1: uniform, or the given non-negative weights normalised."""
+    if weights is None:
+        return torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64)
+    w = [float(x) for x in weights]
+    if len(w) != num_clients:
+        raise FeedbackError(f"expected {num_clients} client weights, got {len(w)}")
+    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise FeedbackError("client weights must be finite, non-negative and not all zero")
+    t = torch.tensor(w, dtype=torch.float64)
+    return t / t.sum()
+
+
+def weighted_sum(items: Sequence[tuple[int, float, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i v_i in float64, returned in the dtype of `like`."""
+    out = torch.zeros(like.numel(), dtype=torch.float64)
+    for _, p, vec in items:
+        out.add_(vec.to(torch.float64), alpha=p)
+    return out.to(like.dtype)
+
+
+def state_vector(state: Mapping[str, torch.Tensor], key: str, v: torch.Tensor) -> torch.Tensor | None:
+    """The client's memory `key`, checked against the vector v; None before the first message."""
+    value = state.get(key)
+    if value is None:
+        return None
+    if value.shape != v.shape:
+        raise FeedbackError(f"state {key} has shape {tuple(value.shape)} but the vector has {tuple(v.shape)}")
+    return value
+
+
+def check_vector(v: torch.Tensor) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+        raise FeedbackError(f"expected a flat float tensor, got {getattr(v, 'shape', type(v))}")
+    return v.detach()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

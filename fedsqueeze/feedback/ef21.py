@@ -1,0 +1,83 @@
+"""EF21 (Richtarik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically Better, and Practically
+Faster Error Feedback", NeurIPS 2021, Algorithm 1), with partial participation as EF21-PP
+(Fatkhullin, Sokolov, Gorbunov, Li, Richtarik, "EF21 with Bells & Whistles", 2021).
+
+Client i keeps g_i, its estimate of its own vector; each round it is sampled, with v_i = grad f_i(x)
+(gradient mode) or its model delta,
+
+    c_i = C(v_i - g_i);   send c_i;   g_i <- g_i + c_i.
+
+Initialisation (`init`): `full` (default) makes a client's first message its vector uncompressed,
+c_i = v_i (float32 values on the wire), so g_i^0 = grad f_i(x^0) as the paper assumes; `zero`
+starts from g_i = 0 and compresses from the first round.
+
+Server: keeps g = sum_i p_i g_i over *all* clients and updates it with the replies,
+g <- g + sum_{i in S} p_i c_i; the estimate is g itself (x <- x - gamma g). With partial
+participation the clients that did not reply keep their g_i and so still count in g with their last
+value (EF21-PP); no rescaling by the cohort's share P_S. A client's first message needs no special
+treatment on the server: its g_i was 0, so its increment is its whole g_i either way.
+
+C should be contractive (top-k, unscaled rand-k, scaled unbiased compressors C/(1+omega));
+the theory stepsize is `fedsqueeze.feedback.theory.ef21_stepsize`.
+
+Memory: one vector of d values per client (g_i); one on the server (g).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .base import (
+    INIT_PARAM_HELP,
+    STATE_PREFIX,
+    Mechanism,
+    Outgoing,
+    Param,
+    ServerHalf,
+    check_vector,
+    choice,
+    state_vector,
+    weighted_sum,
+)
+from .registry import register
+
+ESTIMATE = STATE_PREFIX + "g"
+
+
+@register("ef21")
+class EF21(Mechanism):
+    params = (Param("init", choice("full", "zero"), "full", INIT_PARAM_HELP),)
+    client_keys = (ESTIMATE,)
+
+    def __init__(self, codec, dense=None, *, init: str = "full") -> None:
+        super().__init__(codec, dense)
+        self.init = init
+
+    def arguments(self):
+        return {"init": self.init}
+
+    def prepare(self, v, state, generator):
+        v = check_vector(v)
+        g_i = state_vector(state, ESTIMATE, v)
+        if g_i is None and self.init == "full":
+            payload, sent = self._compress_dense(v)
+            return Outgoing(payload, sent, {ESTIMATE: sent}, initial=True)
+        if g_i is None:
+            g_i = torch.zeros_like(v)
+        payload, sent = self._compress(v - g_i, generator)
+        return Outgoing(payload, sent, {ESTIMATE: g_i + sent})
+
+    def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
+        return EF21Server(num_clients, weights)
+
+
+class EF21Server(ServerHalf):
+    """g <- g + sum_{i in S} p_i c_i; returns g."""
+
+    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        items = self._messages(messages)
+        g = self._running("g", items[0][2])
+        g.add_(weighted_sum(items, g))
+        return g.clone()

@@ -1,0 +1,40 @@
+"""No feedback: plain compression, v_hat_i = C(v_i), g = the cohort's weighted mean of the v_hat_i.
+
+Memory: none on the client, none on the server.
+
+Partial participation: g = sum_{i in S} p_i C(v_i) / P_S, the mean over the clients that replied
+(renormalised by their share P_S, as FedAvg does).
+
+Biased compressors (top-k) make this stall away from the optimum, and unbiased ones (rand-k) leave
+a noise floor proportional to the variance of C at the optimum, sum_i p_i^2 omega ||grad f_i(x*)||^2:
+the motivation for the other mechanisms of this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .base import Mechanism, Outgoing, ServerHalf, check_vector, weighted_sum
+from .registry import register
+
+
+@register("none")
+class NoFeedback(Mechanism):
+    def prepare(self, v, state, generator):
+        v = check_vector(v)
+        payload, sent = self._compress(v, generator)
+        return Outgoing(payload, sent)
+
+    def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
+        return CohortMean(num_clients, weights)
+
+
+class CohortMean(ServerHalf):
+    """g = sum_{i in S} p_i v_i / P_S; keeps nothing between rounds."""
+
+    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        items = self._messages(messages)
+        share = sum(p for _, p, _ in items)
+        return weighted_sum(items, items[0][2]) / share
