@@ -3,6 +3,16 @@
 `get(name)` returns the algorithm a config names; `available()` lists them.
 """
 
-from .base import Algorithm, ClientOutput, LocalConfig, available, derive_seed, get, register
+from .base import AGGREGATION_WEIGHT, Algorithm, ClientOutput, LocalConfig, available, build, derive_seed, get, register
 
-__all__ = ["Algorithm", "ClientOutput", "LocalConfig", "available", "derive_seed", "get", "register"]
+__all__ = [
+    "AGGREGATION_WEIGHT",
+    "Algorithm",
+    "ClientOutput",
+    "LocalConfig",
+    "available",
+    "build",
+    "derive_seed",
+    "get",
+    "register",
+]

@@ -11,7 +11,8 @@ Everything here is plain PyTorch: no Flower. `state` is the client's persistent 
 tensors the ClientApp keeps in its Context between rounds); algorithms with control variates or
 personal parameters keep them there. `round_config` lets the server half send per-round values
 (for example a random number of local steps) that the client half reads from `cfg.extra`.
-Algorithms register by name; `get(name)` imports `fedsqueeze.algorithms.<name>` on first use.
+Algorithms register by name; `get(name)` imports `fedsqueeze.algorithms.<name>` on first use;
+`build(spec)` also takes arguments written like a call: "fedprox(mu=0.01)", "flix(alpha=[0.1, 0.5])".
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class Algorithm(ABC):
         return x + estimate
 
 
+#: optional ClientOutput.metrics key: the client's weight in the server average when it is not its
+#: example count (Scafflix weighs client j by alpha_j^2 / gamma_j); servers pass it to `aggregate`
+AGGREGATION_WEIGHT = "aggregation-weight"
+
 _REGISTRY: dict[str, type[Algorithm]] = {}
 _HELPERS = {"base", "updates"}
 
@@ -147,3 +152,42 @@ def get(name: str) -> Algorithm:
     if name not in _REGISTRY:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(available())}")
     return _REGISTRY[name]()
+
+
+def build(spec: str) -> Algorithm:
+    """The algorithm a spec names, with its arguments: "scaffnew", "fedprox(0.01)", "flix(alpha=[0.1, 1])".
+
+    Arguments are Python literals (numbers, strings, true/false, lists) or bare words (read as strings).
+    ValueError names the valid algorithms, or the arguments the algorithm takes.
+    """
+    import ast
+    import inspect
+
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"cannot parse algorithm spec {spec!r}; write e.g. 'fedprox(mu=0.01)'") from None
+    if isinstance(node, ast.Name):
+        return get(node.id)
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"cannot parse algorithm spec {spec!r}; write e.g. 'fedprox(mu=0.01)'")
+
+    def literal(arg: ast.expr) -> object:
+        if isinstance(arg, ast.Name):
+            return {"true": True, "false": False, "True": True, "False": False}.get(arg.id, arg.id)
+        try:
+            return ast.literal_eval(arg)
+        except ValueError:
+            raise ValueError(f"argument {ast.unparse(arg)!r} in {spec!r} is not a literal") from None
+
+    name = node.func.id
+    get(name)  # raises with the valid names
+    cls = _REGISTRY[name]
+    args = [literal(a) for a in node.args]
+    kwargs = {kw.arg: literal(kw.value) for kw in node.keywords if kw.arg is not None}
+    try:
+        inspect.signature(cls).bind(*args, **kwargs)
+    except TypeError as exc:
+        valid = ", ".join(inspect.signature(cls).parameters) or "none"
+        raise ValueError(f"bad arguments for {name} in {spec!r}: {exc}; valid arguments: {valid}") from None
+    return cls(*args, **kwargs)
