@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test protos check-protos lint bench clean
+.PHONY: install test demo protos check-protos lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+test: $(STAMP) check-protos
+	$(PY) -m pytest -q
+
+# The same run with no compression, top-k and QSGD, then the comparison (runs/demo/report).
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(VENV)/bin/fedsqueeze simulate --config simulations/demo.toml --set name=dense --set compressor=identity
+	$(VENV)/bin/fedsqueeze simulate --config simulations/demo.toml --set name=topk --set 'compressor=topk(0.05)'
+	$(VENV)/bin/fedsqueeze simulate --config simulations/demo.toml --set name=qsgd --set 'compressor=qsgd(levels=16)'
+	$(VENV)/bin/fedsqueeze report runs/demo/dense runs/demo/topk runs/demo/qsgd --out runs/demo/report
+
 protos: $(STAMP)
 	$(PY) -m fedsqueeze.wire.protogen generate
 
 check-protos: $(STAMP)
 	$(PY) -m fedsqueeze.wire.protogen check
-
-test: $(STAMP) check-protos
-	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedsqueeze tests benchmarks
