@@ -12,7 +12,8 @@ Messages (the contract with `fedsqueeze.server.app`):
 Every payload is `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by
 its group (see `fedsqueeze.algorithms.updates`); `len(data)` is what crossed the wire. The run
 configuration comes from `context.run_config`, the partition from `context.node_config`; the
-algorithm's persistent tensors live in `context.state["fedsqueeze.state"]` between rounds.
+algorithm's persistent tensors live in `context.state["fedsqueeze.state"]` between rounds, and
+also in a file under `state-dir` when the node config sets it (`fedsqueeze.deploy.state`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedsqueeze.config import Config
+from fedsqueeze.deploy.state import store_for
 
 from .local import client_for
 
@@ -49,9 +51,14 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     extra = {k: v for k, v in config.items() if k != "server-round"}
-    state = load_state(context)
+    store = store_for(context.node_config, context.run_id, context.run_config, client.partition_id)
+    # a SuperNode restart empties context.state: with state-dir set, the file written after the last
+    # round is the client's state (a corrupted or foreign file raises StateError: an error reply)
+    state = store.load().tensors if store is not None and store.exists() else load_state(context)
     result = client.train(broadcast, server_round, state, extra)
     save_state(context, state)
+    if store is not None:
+        store.save(state, server_round)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

@@ -1,0 +1,185 @@
+"""A client's persistent tensors on disk, so that a SuperNode restart does not lose them.
+
+Flower keeps `context.state` in the SuperNode's memory only. With `state-dir` in the node config
+(`flower-supernode --node-config "partition-id=0 state-dir=/var/lib/fedsqueeze"`), the ClientApp
+writes its state (feedback residuals, control variates, personal factors, local optimum: whatever
+the algorithm keeps) to `state-dir/run-<run id>/partition-<id>.fsqstate` after each round and reads
+it back when it starts without state in memory.
+
+File layout (no pickle: nothing in the file is executed):
+
+    b"FSQSTATE" | version u8 | header length u32 LE | header JSON | tensor bytes | sha256 of all before
+
+The header names the run, the partition and a digest of the run configuration; a file whose digest
+does not verify is corrupted, a file whose identity differs from the reader's is foreign: both raise
+`StateError` and the file is never used. Writes go to a temporary file that replaces the old one
+(`os.replace`, after fsync), so a crash leaves either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"FSQSTATE"
+VERSION = 1
+_DIGEST = 32
+_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+class StateError(RuntimeError):
+    """A state file that cannot be used: corrupted, or written for another run, partition or config."""
+
+
+@dataclass(frozen=True)
+class StateIdentity:
+    """What a state file belongs to; a file is used only by a reader with the same identity."""
+
+    run_id: int
+    partition_id: int
+    config_digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "partition_id": self.partition_id, "config_digest": self.config_digest}
+
+
+def config_digest(run_config: Mapping[str, Any], ignore: tuple[str, ...] = ("name", "out-dir")) -> str:
+    """A digest of the run configuration (without keys that do not change what a client computes)."""
+    items = sorted((str(k), repr(v)) for k, v in run_config.items() if k not in ignore)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoadedState:
+    tensors: dict[str, torch.Tensor]
+    server_round: int
+
+
+class StateStore:
+    """The state file of one (run, partition) under a state directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], identity: StateIdentity) -> None:
+        self.identity = identity
+        self.path = Path(state_dir) / f"run-{identity.run_id}" / f"partition-{identity.partition_id}.fsqstate"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
+        """Write the state after `server_round` atomically (the file is complete or not there)."""
+        entries, blobs, offset = [], [], 0
+        for name in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[name].detach().cpu().numpy())
+            if arr.dtype.name not in _DTYPES:
+                raise StateError(f"state tensor {name!r} has dtype {arr.dtype.name}, which the state file cannot hold")
+            blob = arr.tobytes()
+            entries.append(
+                {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": len(blob)}
+            )
+            blobs.append(blob)
+            offset += len(blob)
+        header = json.dumps(
+            {**self.identity.to_dict(), "server_round": int(server_round), "tensors": entries}, sort_keys=True
+        ).encode()
+        body = MAGIC + struct.pack("<BI", VERSION, len(header)) + header + b"".join(blobs)
+        data = body + hashlib.sha256(body).digest()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    def load(self) -> LoadedState:
+        """The state in the file; StateError if it is corrupted or belongs to another run/partition/config."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc}") from None
+        return parse(data, self.path, self.identity)
+
+
+def parse(data: bytes, path: Path | str, identity: StateIdentity | None) -> LoadedState:
+    """Decode a state file's bytes, checking its digest and (if given) its identity."""
+    prefix = len(MAGIC) + 5
+    if len(data) < prefix + _DIGEST or not data.startswith(MAGIC):
+        raise StateError(f"{path} is not a fedsqueeze state file (bad magic or truncated); delete it to start afresh")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        raise StateError(f"state file {path} is corrupted (checksum mismatch); delete it to start afresh")
+    version, header_len = struct.unpack("<BI", body[len(MAGIC) : prefix])
+    if version != VERSION:
+        raise StateError(f"state file {path} has format version {version}; this fedsqueeze reads {VERSION}")
+    try:
+        header = json.loads(body[prefix : prefix + header_len])
+        found = StateIdentity(int(header["run_id"]), int(header["partition_id"]), str(header["config_digest"]))
+        server_round = int(header["server_round"])
+        entries = list(header["tensors"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"state file {path} has a malformed header: {exc}") from None
+    if identity is not None and found != identity:
+        diffs = [
+            f"{k} {a!r} (expected {b!r})"
+            for k, a, b in zip(
+                ("run", "partition", "config digest"),
+                (found.run_id, found.partition_id, found.config_digest),
+                (identity.run_id, identity.partition_id, identity.config_digest),
+                strict=True,
+            )
+            if a != b
+        ]
+        raise StateError(f"state file {path} belongs to another client: {', '.join(diffs)}; it is not used")
+    payload = body[prefix + header_len :]
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        for e in entries:
+            if e["dtype"] not in _DTYPES:
+                raise ValueError(f"dtype {e['dtype']!r}")
+            start, n = int(e["offset"]), int(e["nbytes"])
+            shape = tuple(int(s) for s in e["shape"])
+            dtype = np.dtype(e["dtype"])
+            if start < 0 or start + n > len(payload) or n != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ValueError(f"tensor {e['name']!r} does not fit the file")
+            arr = np.frombuffer(payload, dtype=dtype, count=n // dtype.itemsize, offset=start).reshape(shape)
+            tensors[str(e["name"])] = torch.from_numpy(arr.copy())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"state file {path} has an inconsistent tensor table: {exc}") from None
+    return LoadedState(tensors, server_round)
+
+
+#: the node-config key that turns durable state on
+STATE_DIR_KEY = "state-dir"
+
+
+def store_for(
+    node_config: Mapping[str, Any], run_id: int, run_config: Mapping[str, Any], partition_id: int
+) -> StateStore | None:
+    """The state store a ClientApp uses, or None when its node config has no `state-dir`."""
+    state_dir = node_config.get(STATE_DIR_KEY)
+    if state_dir is None or str(state_dir).strip() == "":
+        return None
+    return StateStore(str(state_dir), StateIdentity(int(run_id), int(partition_id), config_digest(run_config)))
