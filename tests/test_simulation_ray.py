@@ -6,7 +6,6 @@ in-process backend on the same config and seed.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -16,15 +15,6 @@ from fedsqueeze.config import resolve
 from fedsqueeze.simulation.runner import run_ray, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        if a is None or b is None:
-            return a is b
-        # Ray's workers run torch with one thread, in-process with two: float sums may differ in the last bits
-        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
-    return a == b
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -47,7 +37,7 @@ def test_ray_backend_matches_inprocess(tmp_path):
             "cohort-size=2",
             "rounds=2",
             "local-steps=3",
-            "compressor=topk(0.2)",
+            "compressor=topk(0.2) | qsgd(levels=16)",
             f"out-dir={tmp_path}",
         ]
     )
@@ -59,8 +49,7 @@ def test_ray_backend_matches_inprocess(tmp_path):
     assert ray.summary["status"] == "completed"
     assert ray.run_dir == tmp_path / "ray"
     assert [r["round"] for r in ray.rows] == [1, 2]
+    # the same numbers, to the last bit: both backends give each client call one torch thread
     for a, b in zip(ray.rows, local.rows, strict=True):
         assert a.keys() == b.keys()
-        for key in a:
-            if key != "wall_s":
-                assert _same(a[key], b[key]), (key, a[key], b[key])
+        assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}

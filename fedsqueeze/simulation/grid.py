@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
@@ -80,6 +81,7 @@ class InProcessGrid(Grid):
         run_id: int = 1,
         seed: int = 0,
         observer: Callable[[str, dict[str, Any]], None] | None = None,
+        client_threads: int | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -108,6 +110,8 @@ class InProcessGrid(Grid):
         #: how many ClientApp calls were made
         self.client_calls = 0
         self._worker: _Worker | None = None
+        #: torch intra-op threads for ClientApp calls (None: leave torch's setting alone)
+        self.client_threads = client_threads
         #: a progress callback a ServerApp may call as `grid.observer(event, data)` (not part of Flower's Grid)
         self.observer = observer
 
@@ -196,6 +200,8 @@ class InProcessGrid(Grid):
         outcome: dict[str, Any] = {}
 
         def work() -> None:
+            if self.client_threads is not None and torch.get_num_threads() != self.client_threads:
+                torch.set_num_threads(self.client_threads)
             t0 = time.perf_counter()
             try:
                 outcome["reply"] = self._client_app(delivered, context)
@@ -345,10 +351,18 @@ def run_inprocess(
     run_id: int = 1,
     node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
     observer: Callable[[str, dict[str, Any]], None] | None = None,
+    client_threads: int | None = None,
 ) -> tuple[InProcessGrid, Context]:
     """Run a ServerApp against `num_nodes` in-process ClientApp nodes; returns the grid and server Context."""
     grid = InProcessGrid(
-        client_app, num_nodes, run_config, node_configs=node_configs, run_id=run_id, seed=seed, observer=observer
+        client_app,
+        num_nodes,
+        run_config,
+        node_configs=node_configs,
+        run_id=run_id,
+        seed=seed,
+        observer=observer,
+        client_threads=client_threads,
     )
     context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config or {}))
     app = _load_server_app(server_app)

@@ -71,7 +71,15 @@ def simulate(
     raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
-def run_inprocess(cfg: Config, observer: Observer | None = None) -> SimulationResult:
+#: torch threads per client call in the in-process backend: one, as Flower's Ray backend gives each
+#: client one CPU (client-resources-num-cpus=1); so both backends compute the same floats, and the
+#: small models here run faster on one thread than on two
+CLIENT_THREADS = 1
+
+
+def run_inprocess(
+    cfg: Config, observer: Observer | None = None, client_threads: int | None = CLIENT_THREADS
+) -> SimulationResult:
     from fedsqueeze.tracking import read_metrics
 
     from .grid import run_inprocess as run_apps
@@ -94,6 +102,7 @@ def run_inprocess(cfg: Config, observer: Observer | None = None) -> SimulationRe
         cfg.to_run_config(),
         seed=cfg.seed,
         observer=watch,
+        client_threads=client_threads,
     )
     wall = time.perf_counter() - t0
     run_dir = Path(state["run_dir"])
