@@ -3,6 +3,7 @@
     fedsqueeze simulate [--config FILE] [--set key=value ...] [--backend inprocess|ray]
     fedsqueeze report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-accuracy A]
     fedsqueeze demo [--out-dir DIR] [--backend inprocess|ray]
+    fedsqueeze keys DIR --nodes N [--san HOST_OR_IP ...] [--force]
 
 `simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C stops the
 run cleanly and keeps every round already written to the run directory. Configuration errors are
@@ -66,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess")
     demo.add_argument("--quiet", "-q", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    keys = sub.add_parser("keys", help="TLS certificates and SuperNode key pairs for a deployment (docs/deploy.md)")
+    keys.add_argument("directory", metavar="DIR")
+    keys.add_argument("--nodes", "-n", type=int, required=True, help="how many SuperNode key pairs")
+    keys.add_argument(
+        "--san", action="append", default=[], metavar="HOST_OR_IP", help="server certificate name (repeatable)"
+    )
+    keys.add_argument("--force", action="store_true", help="replace existing files")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 
@@ -251,6 +261,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dirs.append(run_dir)  # a new directory each time (name-2, ...): earlier runs are kept
     out = Path(args.out_dir) / "report"
     _print_report(report(dirs, out), out)
+    return 0
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fedsqueeze.deploy.credentials import DEFAULT_SANS, CredentialsError, make_credentials
+
+    console = _console()
+    try:
+        creds = make_credentials(args.directory, args.nodes, sans=args.san or DEFAULT_SANS, force=args.force)
+    except CredentialsError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_CONFIG
+    console.print(f"CA: {creds.ca_cert}; server: {creds.server_cert}, {creds.server_key}", highlight=False)
+    for i, key in enumerate(creds.node_keys):
+        console.print(f"node {i + 1}: {key} (register {creds.public_key(i)})", highlight=False)
     return 0
 
 
