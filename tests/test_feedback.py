@@ -294,16 +294,16 @@ def test_downlink_client_detects_a_missed_broadcast():
 def test_ef21_topk_converges_linearly_while_plain_topk_stalls(objective):
     """top-2 of 65 coordinates (3 %): EF21 reaches ||grad f||^2 < 1e-10; without feedback it stalls near 2e-2."""
     gamma = 1 / objective.L  # EF21 is stable far above its theory stepsize (1/(L + L~ sqrt(beta/theta)) ~ 1/(133 L))
-    ef21 = run_gradient_mode(objective, "ef21", "topk(k=2)", 250, gamma, seed=0)
+    ef21 = run_gradient_mode(objective, "ef21", "topk(k=2)", 210, gamma, seed=0)
     assert ef21.bits_counted and ef21.final.bits_up_total > 0
     g = ef21.column("grad_norm_sq")
     assert g[-1] < 1e-10
-    assert ef21.final.dist_sq < 1e-9 and ef21.final.subopt < 1e-10
+    assert ef21.final.dist_sq < 1e-8 and ef21.final.subopt < 1e-9
     # linear: every 50 rounds at least 20 times lower
-    for a in range(100, 251, 50):
+    for a in range(100, 211, 50):
         assert max(g[a - 5 : a + 1]) < max(g[a - 55 : a - 49]) / 20
-    plain = run_gradient_mode(objective, "none", "topk(k=2)", 100, gamma, seed=0)
-    assert min(window(plain, "grad_norm_sq", 50)) > 1e-3
+    plain = run_gradient_mode(objective, "none", "topk(k=2)", 60, gamma, seed=0, wire=False)
+    assert min(window(plain, "grad_norm_sq", 30)) > 1e-3
 
 
 def test_diana_randk_reaches_the_optimum_while_plain_randk_has_a_noise_floor(objective):
@@ -312,7 +312,7 @@ def test_diana_randk_reaches_the_optimum_while_plain_randk_has_a_noise_floor(obj
     diana = run_gradient_mode(objective, "diana", "randk(k=8)", 250, gamma, seed=0)
     assert diana.final.grad_norm_sq < 1e-10
     assert diana.final.dist_sq < 1e-8
-    plain = run_gradient_mode(objective, "none", "randk(k=8)", 60, gamma, seed=0)
+    plain = run_gradient_mode(objective, "none", "randk(k=8)", 60, gamma, seed=0, wire=False)
     floor = window(plain, "grad_norm_sq", 30)
     assert min(floor) > 1e-4
     assert plain.final.dist_sq > 1e-3
@@ -325,7 +325,7 @@ def test_classic_ef_topk_converges(objective):
     that shrinks with the stepsize (like gamma^2); EF21 and EF-BV remove it. Measured over 1000 rounds,
     the largest ||grad f||^2 per 50 rounds settles near 3e-3 at gamma = 1/L and 2e-5 to 1e-4 at 1/(4L).
     """
-    small = run_gradient_mode(objective, "ef", "topk(k=16)", 300, 1 / (4 * objective.L), seed=0)
+    small = run_gradient_mode(objective, "ef", "topk(k=16)", 300, 1 / (4 * objective.L), seed=0, wire=False)
     late = window(small, "grad_norm_sq", 250)
     assert max(late) < 2e-4
     plain = run_gradient_mode(objective, "none", "topk(k=16)", 60, 1 / objective.L, seed=0, wire=False)
