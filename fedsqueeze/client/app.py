@@ -19,10 +19,11 @@ also in a file under `state-dir` when the node config sets it (`fedsqueeze.deplo
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsqueeze.config import Config
@@ -32,6 +33,10 @@ from .local import client_for
 
 STYPE = "fedsqueeze/v1"
 STATE_KEY = "fedsqueeze.state"
+#: in context.state once this node's state is there and on disk (state-dir): no file to restore
+DURABLE_KEY = "fedsqueeze.durable"
+
+log = logging.getLogger("fedsqueeze.client")
 
 app = ClientApp()
 
@@ -52,13 +57,18 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     extra = {k: v for k, v in config.items() if k != "server-round"}
     store = store_for(context.node_config, context.run_id, context.run_config, client.partition_id)
-    # a SuperNode restart empties context.state: with state-dir set, the file written after the last
-    # round is the client's state (a corrupted or foreign file raises StateError: an error reply)
-    state = store.load().tensors if store is not None and store.exists() else load_state(context)
+    state = load_state(context)
+    if store is not None and DURABLE_KEY not in context.state and store.exists():
+        # a SuperNode restart emptied context.state: the file written after the last round is the
+        # client's state (a corrupted or foreign file raises StateError, so the reply is an error)
+        restored = store.load()
+        state = restored.tensors
+        log.warning("restored the state of round %d from %s", restored.server_round, store.path)
     result = client.train(broadcast, server_round, state, extra)
     save_state(context, state)
     if store is not None:
         store.save(state, server_round)
+        context.state[DURABLE_KEY] = ConfigRecord({"server-round": server_round})
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

@@ -1,0 +1,195 @@
+"""Deployment pieces without a SuperLink: credentials, the state file, the ClientApp's state-dir hook."""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedsqueeze.cli import main
+from fedsqueeze.config import resolve
+from fedsqueeze.deploy.credentials import CredentialsError, make_credentials
+from fedsqueeze.deploy.processes import node_config_arg
+from fedsqueeze.deploy.state import StateError, StateIdentity, StateStore, config_digest, store_for
+from fedsqueeze.simulation.grid import run_inprocess
+
+# ---- credentials -----------------------------------------------------------------------------------
+
+
+def test_keys_command_writes_ca_server_cert_and_node_keys(tmp_path):
+    out = tmp_path / "keys"
+    assert main(["keys", str(out), "--nodes", "2"]) == 0
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    assert server.issuer == ca.subject
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for name in ("node1", "node2"):
+        key = serialization.load_ssh_private_key((out / name).read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        pub = (out / f"{name}.pub").read_text()
+        assert pub.startswith("ecdsa-sha2-nistp384 ")
+        loaded = serialization.load_ssh_public_key(pub.encode())
+        assert loaded.public_numbers() == key.public_key().public_numbers()
+    for private in ("ca.key", "server.key", "node1", "node2"):
+        assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
+
+
+def test_keys_never_overwrite_without_force(tmp_path, capsys):
+    make_credentials(tmp_path, 1)
+    before = (tmp_path / "node1").read_bytes()
+    assert main(["keys", str(tmp_path), "--nodes", "1"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "node1").read_bytes() == before
+    # a new node key next to existing ones is still an overwrite of the CA: refused as a whole
+    with pytest.raises(CredentialsError):
+        make_credentials(tmp_path, 2)
+    assert not (tmp_path / "node2").exists()
+    assert main(["keys", str(tmp_path), "--nodes", "1", "--force"]) == 0
+    assert (tmp_path / "node1").read_bytes() != before
+
+
+def test_keys_custom_sans(tmp_path):
+    creds = make_credentials(tmp_path, 0, sans=["edge.example.org", "10.0.0.5", "::1"])
+    server = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["edge.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "::1"]
+    with pytest.raises(CredentialsError, match="neither an IP address nor a host name"):
+        make_credentials(tmp_path / "x", 0, sans=["bad host"])
+
+
+def test_node_config_arg_quotes_strings():
+    assert node_config_arg({"partition-id": 0, "state-dir": "/a b"}) == 'partition-id=0 state-dir="/a b"'
+
+
+# ---- state file ------------------------------------------------------------------------------------
+
+IDENT = StateIdentity(run_id=7, partition_id=1, config_digest="abc")
+
+
+def test_state_round_trip_is_exact(tmp_path):
+    store = StateStore(tmp_path, IDENT)
+    tensors = {"residual": torch.randn(5, 3), "h": torch.arange(4, dtype=torch.int64), "empty": torch.zeros(0)}
+    store.save(tensors, server_round=3)
+    loaded = store.load()
+    assert loaded.server_round == 3
+    assert loaded.tensors.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded.tensors[k].dtype == v.dtype and torch.equal(loaded.tensors[k], v)
+    assert [p.name for p in store.path.parent.iterdir()] == [store.path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_corrupted_state_file_is_refused(tmp_path, damage):
+    store = StateStore(tmp_path, IDENT)
+    store.save({"residual": torch.ones(100)}, server_round=1)
+    data = bytearray(store.path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[:-10]
+    elif damage == "garbage":
+        data = bytearray(b"not a state file at all" * 4)
+    else:
+        data = bytearray()
+    store.path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="corrupted|not a fedsqueeze state file"):
+        store.load()
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        StateIdentity(run_id=8, partition_id=1, config_digest="abc"),
+        StateIdentity(run_id=7, partition_id=2, config_digest="abc"),
+        StateIdentity(run_id=7, partition_id=1, config_digest="xyz"),
+    ],
+)
+def test_foreign_state_file_is_refused(tmp_path, other):
+    StateStore(tmp_path, other).save({"residual": torch.ones(3)}, server_round=1)
+    store = StateStore(tmp_path, IDENT)
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    # a file copied in from another client, run or config
+    StateStore(tmp_path, other).path.replace(store.path)
+    with pytest.raises(StateError, match="belongs to another client"):
+        store.load()
+
+
+def test_store_only_with_state_dir(tmp_path):
+    assert store_for({"partition-id": 0}, 1, {}, 0) is None
+    assert store_for({"state-dir": ""}, 1, {}, 0) is None
+    store = store_for({"state-dir": str(tmp_path)}, 5, {"lr": 0.1}, 2)
+    assert store is not None and store.path == tmp_path / "run-5" / "partition-2.fsqstate"
+    # name and out-dir do not change what a client computes; lr does
+    assert config_digest({"lr": 0.1, "name": "a"}) == config_digest({"lr": 0.1, "name": "b"})
+    assert config_digest({"lr": 0.1}) != config_digest({"lr": 0.2})
+
+
+# ---- the ClientApp hook (a restart = a new process with an empty context.state) --------------------
+
+
+def _run(cfg, state_dir, run_id=1):
+    return run_inprocess(
+        "fedsqueeze.server.app:app",
+        "fedsqueeze.client.app:app",
+        cfg.num_clients,
+        cfg.to_run_config(),
+        seed=cfg.seed,
+        run_id=run_id,
+        node_configs=[{"partition-id": i, "state-dir": str(state_dir)} for i in range(cfg.num_clients)],
+    )
+
+
+def _cfg(tmp_path, name):
+    return resolve(
+        overrides=[
+            "num-clients=2",
+            "rounds=2",
+            "local-steps=2",
+            "compressor=topk(0.1)",
+            f"out-dir={tmp_path}",
+            f"name={name}",
+        ]
+    )
+
+
+def test_client_writes_state_each_round_and_restores_it_after_a_restart(tmp_path, caplog):
+    state_dir = tmp_path / "state"
+    cfg = _cfg(tmp_path, "first")
+    ident = StateIdentity(1, 0, config_digest(cfg.to_run_config()))
+    # what the node kept before its restart (a residual, say): the restarted ClientApp must use it
+    kept = {"residual": torch.linspace(-1, 1, 11)}
+    StateStore(state_dir, ident).save(kept, server_round=4)
+    with caplog.at_level(logging.WARNING, logger="fedsqueeze.client"):
+        _run(cfg, state_dir)
+    assert "restored the state of round 4" in caplog.text
+    for pid in (0, 1):
+        loaded = StateStore(state_dir, StateIdentity(1, pid, ident.config_digest)).load()
+        assert loaded.server_round == 2  # written after each round
+    after = StateStore(state_dir, ident).load()
+    assert torch.equal(after.tensors["residual"], kept["residual"])  # carried through, not dropped
+    rows = [r for r in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if r]
+    assert len(rows) == 2
+
+
+def test_corrupted_state_gives_an_error_reply_and_is_not_used(tmp_path, caplog):
+    state_dir = tmp_path / "state"
+    cfg = _cfg(tmp_path, "bad")
+    store = StateStore(state_dir, StateIdentity(1, 0, config_digest(cfg.to_run_config())))
+    store.save({"residual": torch.ones(3)}, server_round=1)
+    store.path.write_bytes(store.path.read_bytes()[:-1] + b"\x00")
+    with caplog.at_level(logging.WARNING):
+        _run(cfg, state_dir)
+    rows = [json.loads(r) for r in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines() if r]
+    assert [r["clients_failed"] for r in rows] == [1, 1]  # partition 0 fails every round, loudly
+    assert "corrupted" in caplog.text
+    assert store.path.read_bytes()[-1:] == b"\x00"  # never overwritten by a fresh state
