@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -170,7 +171,7 @@ class Deployment:
         import httpx
 
         scheme = "http" if self.creds is None else "https"
-        verify: Any = True if self.creds is None else str(self.creds.ca_cert)
+        verify: Any = True if self.creds is None else ssl.create_default_context(cafile=str(self.creds.ca_cert))
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
@@ -242,7 +243,7 @@ def stop(proc: Proc, grace: float = 10.0) -> None:
     """Stop a process and its process group (by its PID, the group id), SIGTERM then SIGKILL."""
     pgid = proc.pid
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not _group_alive(pgid) and proc.popen.poll() is not None:
+        if not group_alive(pgid) and proc.popen.poll() is not None:
             break
         try:
             os.killpg(pgid, sig)
@@ -251,7 +252,7 @@ def stop(proc: Proc, grace: float = 10.0) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.popen.poll()
-            if not _group_alive(pgid):
+            if not group_alive(pgid):
                 break
             time.sleep(0.1)
     if proc.popen.poll() is None:
@@ -259,7 +260,7 @@ def stop(proc: Proc, grace: float = 10.0) -> None:
     proc.popen.wait(timeout=5)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether any process is left in the process group (zombies of our own child do not count)."""
     try:
         os.killpg(pgid, 0)
