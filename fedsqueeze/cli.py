@@ -25,8 +25,8 @@ EXIT_INTERRUPTED = 130
 #: the default comparison of `fedsqueeze demo` (and `make demo`): name -> uplink compressor
 DEMO_RUNS = {
     "uncompressed": "identity",
-    "topk-1pct": "topk(0.01)",
     "topk-10pct": "topk(0.1)",
+    "topk-1pct": "topk(0.01)",
     "qsgd-4": "qsgd(levels=4)",
 }
 

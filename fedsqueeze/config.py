@@ -88,7 +88,7 @@ class Config:
     local_steps: int = 10
     #: local epochs per round (> 0 replaces `local_steps`)
     local_epochs: float = 0.0
-    lr: float = 0.05
+    lr: float = 0.2
     #: mini-batch size; 0 uses the client's whole training split (full-batch gradient)
     batch_size: int = 32
     algorithm: str = "fedavg"
