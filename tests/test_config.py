@@ -174,3 +174,42 @@ def test_config_is_frozen_and_replace_validates():
     assert cfg.replace(rounds=3).rounds == 3
     with pytest.raises(ConfigError):
         cfg.replace(rounds=0)
+
+
+def test_task_spec_with_options():
+    from fedsqueeze.config import parse_task
+
+    assert parse_task("digits-mlp") == ("digits-mlp", {})
+    assert parse_task('libsvm-logreg(path="a9a.txt", reg=0.1, bias=false)') == (
+        "libsvm-logreg",
+        {"path": "a9a.txt", "reg": 0.1, "bias": False},
+    )
+    assert parse_task("digits-mlp(hidden=[32, 16])") == ("digits-mlp", {"hidden": (32, 16)})
+    assert parse_task("mypkg.tasks:make(scale=2)") == ("mypkg.tasks:make", {"scale": 2})
+    assert resolve(overrides=["task=digits-logreg(reg=0.01)"]).task == "digits-logreg(reg=0.01)"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("task=digits", "task", "digits-mlp"),  # lists the built-in tasks
+        ("task=digits-mlp(depth=3)", "task", "hidden"),  # lists the task's options
+        ("task=libsvm-logreg", "task", "path"),  # a required option
+        ("task=digits-mlp(3)", "task", "named"),
+        ("task=digits-mlp(hidden=", "task", "parentheses"),
+        ("partition=dirichlet", "partition", "alpha"),
+        ("partition=stripes", "partition", "shards"),
+    ],
+)
+def test_bad_task_and_partition(override, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        resolve(overrides=[override])
+    assert info.value.key == key and fragment in str(info.value)
+
+
+def test_missing_data_file_is_a_config_error(tmp_path):
+    from fedsqueeze.config import build_task
+
+    cfg = resolve(overrides=[f"task=libsvm-logreg(path={str(tmp_path / 'none.svm')!r})", "partition=default"])
+    with pytest.raises(ConfigError, match="none.svm"):
+        build_task(cfg)
