@@ -60,6 +60,8 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
     tracker = Tracker(run_dir, convex=bool(coord.task.is_convex), target_accuracy=cfg.target_accuracy or None)
     notify = observer or (lambda event, data: None)
     notify("start", {"run_dir": str(run_dir.path), "rounds": cfg.rounds, "params": coord.uplink.numel})
+    # Flower's own logger: this line reaches `flwr run --stream`, whose ServerApp runs in another directory
+    logging.getLogger("flwr").info("fedsqueeze: writing the run to %s", Path(run_dir.path).resolve())
     log.info(
         "run %s: %d rounds, %d parameters, uplink %s",
         run_dir.path,
