@@ -175,9 +175,7 @@ class Config:
             raise ConfigError("local-steps", 0, "no local training: local-epochs is 0 too", "an integer >= 1")
         _finite("lr", self.lr, lower=0.0, strict=True)
         _non_negative_int("batch-size", self.batch_size)
-        algorithms = _algorithm_names()
-        if self.algorithm not in algorithms:
-            raise ConfigError("algorithm", self.algorithm, "unknown algorithm", algorithms)
+        _check_algorithm(self.algorithm)
         _non_negative_int("dense-below", self.dense_below)
         _non_negative_int("seed", self.seed)
         _finite("round-timeout", self.round_timeout, lower=0.0, strict=True)
@@ -436,6 +434,18 @@ def _algorithm_names() -> list[str]:
     from fedsqueeze.algorithms import available
 
     return available()
+
+
+def _check_algorithm(spec: str) -> None:
+    """ConfigError unless `fedsqueeze.algorithms.build(spec)` accepts the spec ("fedprox(mu=0.01)")."""
+    from fedsqueeze.algorithms import build
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("algorithm", spec, "empty algorithm", _algorithm_names())
+    try:
+        build(spec)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("algorithm", spec, str(exc), _algorithm_names()) from None
 
 
 def _task_names() -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedsqueeze import wire
-from fedsqueeze.algorithms import Algorithm, LocalConfig, derive_seed, get
+from fedsqueeze.algorithms import Algorithm, LocalConfig, build, derive_seed
 from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
 from fedsqueeze.config import Config, build_task
 from fedsqueeze.tracking import relative_error
@@ -47,7 +47,10 @@ class LocalClient:
         layout = layout_of(self.model)
         self.uplink = UpdatePlan.uplink(layout, cfg)
         self.downlink = UpdatePlan.downlink(layout, cfg)
-        self.algorithm: Algorithm = get(cfg.algorithm)
+        self.algorithm: Algorithm = build(cfg.algorithm)
+        configure = getattr(self.algorithm, "configure", None)
+        if configure is not None:
+            configure(self.task)  # e.g. p = "theory" reads the task's objective
 
     @property
     def num_examples(self) -> int:

@@ -2,12 +2,13 @@
 
 Per round: sample `cohort-size` partitions (seeded by seed and round), send each the broadcast
 payloads, wait up to `round-timeout` for replies, decode each against the layout the server
-expects, aggregate the valid ones (weighted by examples, in partition order), evaluate, and append
-a metrics row. A reply that is an error, fails validation or never comes is counted in
-`clients_failed` and logged with its node id; the round goes on with the others. With fewer than
-`min-replies` valid replies the model is left unchanged for that round (logged; the row still
-records bytes and failures). Every row is on disk when the next round starts; an interrupted run
-writes summary.json with status "interrupted".
+expects, aggregate the valid ones (weighted by examples or the algorithm's aggregation weight, in
+partition order), evaluate, and append a metrics row (with the clients' global and personal accuracy
+when an algorithm with personal models reports them). A reply that is an error, fails validation
+or never comes is counted in `clients_failed` and logged with its node id; the round goes on with
+the others. With fewer than `min-replies` valid replies the model is left unchanged for that
+round (logged; the row still records bytes and failures). Every row is on disk when the next round
+starts; an interrupted run writes summary.json with status "interrupted".
 
 Before the first round the server asks every node for its partition id (a `query` message), so
 that sampling and aggregation order depend on partitions, never on node ids: the same config and
@@ -26,6 +27,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.client.app import payload_record, payloads_from
 from fedsqueeze.config import Config
 from fedsqueeze.tracking import RunDir, Tracker
@@ -39,6 +41,9 @@ MODEL_FILE = "model.pt"
 
 #: how often the server looks for nodes that have not connected yet (deployment)
 NODE_POLL_S = 1.0
+
+#: per-client metrics that rows summarise over clients (see fedsqueeze.algorithms.personal)
+PERSONAL_METRICS = ("global_accuracy", "personal_accuracy")
 
 app = ServerApp()
 
@@ -208,6 +213,10 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
         "dense_uplink_bytes": 4 * coord.uplink.numel * len(ok),
         "applied": applied,
     }
+    # algorithms with personal models (flix, scafflix, lowrank) report each client's accuracy with the
+    # global and with its personal model: mean, std, min and max over the valid replies
+    reports = [{k: v for k, v in r.metrics.items() if k in PERSONAL_METRICS} for r in ok]
+    row.update(summarize(reports))
     return row
 
 

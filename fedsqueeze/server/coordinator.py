@@ -2,7 +2,7 @@
 
     x --downlink plan--> payload bytes (the same for every sampled client)
     reply bytes --wire.decode against the expected group sizes--> Compressed --> v_i   (or InvalidReply)
-    g = algorithm.aggregate(v_i, weights = examples);  x' = algorithm.server_step(x, g)
+    g = algorithm.aggregate(v_i, weights = AGGREGATION_WEIGHT or examples);  x' = algorithm.server_step(x, g)
 
 `fedsqueeze.server.app` drives these calls from its round loop and turns Messages into them.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedsqueeze import wire
-from fedsqueeze.algorithms import Algorithm, derive_seed, get
+from fedsqueeze.algorithms import AGGREGATION_WEIGHT, Algorithm, build, derive_seed
 from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
 from fedsqueeze.config import Config, build_task
 
@@ -52,7 +52,10 @@ class Coordinator:
         self.x = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().clone()
         self.uplink = UpdatePlan.uplink(self.layout, cfg)
         self.downlink = UpdatePlan.downlink(self.layout, cfg)
-        self.algorithm: Algorithm = get(cfg.algorithm)
+        self.algorithm: Algorithm = build(cfg.algorithm)
+        configure = getattr(self.algorithm, "configure", None)
+        if configure is not None:
+            configure(self.task)  # e.g. p = "theory" reads the task's objective
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
@@ -117,7 +120,8 @@ class Coordinator:
     def apply(self, replies: Sequence[Reply], server_round: int) -> None:
         """Aggregate the replies (in partition order, so the result does not depend on arrival order)."""
         ordered = sorted(replies, key=lambda r: r.partition_id)
-        estimate = self.algorithm.aggregate([r.update for r in ordered], [float(r.num_examples) for r in ordered])
+        weights = [float(r.metrics.get(AGGREGATION_WEIGHT, r.num_examples)) for r in ordered]
+        estimate = self.algorithm.aggregate([r.update for r in ordered], weights)
         self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
 
     def save_model(self, path: Path) -> None:
