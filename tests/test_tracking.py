@@ -437,3 +437,8 @@ def test_report_from_tracker_output(tmp_path):
     assert [r.compression_factor for r in rows] == [pytest.approx(1.0), pytest.approx(10.0)]
     assert [r.mb_to_target for r in rows] == [pytest.approx(0.012), pytest.approx(0.0012)]
     assert set(CONVEX_KEYS).isdisjoint(load_run(tmp_path / "dense").rows[0])
+
+
+def test_toml_key_with_a_trailing_newline_is_quoted():
+    doc = {"0\n": {}, "a\n": [], "b": 1}
+    assert toml_loads(dumps_toml(doc)) == doc
