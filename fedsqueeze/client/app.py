@@ -56,7 +56,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     extra = {k: v for k, v in config.items() if k != "server-round"}
-    store = store_for(context.node_config, context.run_id, context.run_config, client.partition_id)
+    # the digest is of the resolved config, so it does not depend on how Flower typed the values
+    store = store_for(context.node_config, context.run_id, client.cfg.to_run_config(), client.partition_id)
     state = load_state(context)
     if store is not None and DURABLE_KEY not in context.state and store.exists():
         # a SuperNode restart emptied context.state: the file written after the last round is the
