@@ -21,7 +21,8 @@ Initialisation (`init`): `zero` (default, as in the paper): h_i^0 = 0; `full`: a
 message is its vector uncompressed and sets h_i to it (the server tracks first messages with a bit
 per client, as EF-BV does).
 
-DIANA is EF-BV with lam = a and nu = 1; tests check the two implementations agree.
+DIANA is EF-BV with lam = a and nu = 1, so both halves are EF-BV's, with DIANA's parameters and
+defaults.
 
 Memory: one vector of d values per client (h_i); one on the server (h), plus one bit per client
 with init=full.
@@ -29,40 +30,23 @@ with init=full.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-
-import torch
-
-from .base import (
-    INIT_PARAM_HELP,
-    STATE_PREFIX,
-    FeedbackError,
-    Mechanism,
-    Outgoing,
-    Param,
-    ServerHalf,
-    check_vector,
-    choice,
-    state_vector,
-    unit_interval,
-)
+from .base import INIT_PARAM_HELP, FeedbackError, Mechanism, Param, choice, unit_interval
+from .efbv import EFBV
 from .registry import register
 from .theory import codec_constants, diana_a
 
-SHIFT = STATE_PREFIX + "h"
-
 
 @register("diana")
-class DIANA(Mechanism):
+class DIANA(EFBV):
     params = (
         Param("a", unit_interval, None, "shift step a (default 1 / (omega + 1) from the compressor)"),
         Param("init", choice("zero", "full"), "zero", INIT_PARAM_HELP),
     )
-    client_keys = (SHIFT,)
 
     def __init__(self, codec, dense=None, *, a: float, init: str = "zero") -> None:
-        super().__init__(codec, dense)
-        self.a = unit_interval("diana: a", a)
+        Mechanism.__init__(self, codec, dense)
+        self.a = self.lam = unit_interval("diana: a", a)
+        self.nu = 1.0
         self.init = choice("zero", "full")("diana: init", init)
 
     @classmethod
@@ -75,45 +59,3 @@ class DIANA(Mechanism):
 
     def arguments(self):
         return {"a": self.a, "init": self.init}
-
-    def prepare(self, v, state, generator):
-        v = check_vector(v)
-        h_i = state_vector(state, SHIFT, v)
-        if h_i is None and self.init == "full":
-            payload, sent = self._compress_dense(v)
-            return Outgoing(payload, sent, {SHIFT: sent}, initial=True)
-        if h_i is None:
-            h_i = torch.zeros_like(v)
-        payload, sent = self._compress(v - h_i, generator)
-        return Outgoing(payload, sent, {SHIFT: h_i + self.a * sent})
-
-    def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
-        return DIANAServer(num_clients, weights, a=self.a, full_init=self.init == "full")
-
-
-class DIANAServer(ServerHalf):
-    """g = h + sum_S p_i d_i / P_S; h <- h + a sum_S p_i d_i (first messages with init=full: h <- h + p_i d_i)."""
-
-    def __init__(self, num_clients: int, weights: Sequence[float] | None, *, a: float, full_init: bool) -> None:
-        super().__init__(num_clients, weights)
-        self.a = a
-        self.full_init = full_init
-
-    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        items = self._messages(messages)
-        like = items[0][2]
-        h = self._running("h", like)
-        seen = self._seen() if self.full_init else None
-        share = sum(p for _, p, _ in items)
-        mean = torch.zeros(like.numel(), dtype=torch.float64)
-        shift = torch.zeros(like.numel(), dtype=torch.float64)
-        for cid, p, d in items:
-            first = seen is not None and not bool(seen[cid])
-            d64 = d.to(torch.float64)
-            mean.add_(d64, alpha=p)
-            shift.add_(d64, alpha=p if first else p * self.a)
-            if seen is not None:
-                seen[cid] = True
-        g = h.to(torch.float64) + mean / share
-        h.add_(shift.to(h.dtype))
-        return g.to(like.dtype)
