@@ -20,7 +20,7 @@ from fedsqueeze.cli import main
 from fedsqueeze.config import resolve
 from fedsqueeze.deploy.credentials import planned
 from fedsqueeze.deploy.processes import Deployment, group_alive, stop, wait_for
-from fedsqueeze.deploy.state import StateIdentity, StateStore, config_digest
+from fedsqueeze.deploy.state import StateError, StateIdentity, StateStore, config_digest
 from fedsqueeze.simulation.runner import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,13 +111,16 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
         assert "restored the state of round" in nodes[0].log_text(), nodes[0].log_text()[-3000:]
         run_ids = [p.name for p in state_dir.iterdir()]
         assert len(run_ids) == 2  # one directory per run
+        # run A's directory also holds a state file of partition 0; only run B's matches run B's config
         digest = config_digest(cfg_b.to_run_config())
-        restored = [
-            StateStore(state_dir, StateIdentity(int(r.removeprefix("run-")), 0, digest))
-            for r in run_ids
-            if StateStore(state_dir, StateIdentity(int(r.removeprefix("run-")), 0, digest)).exists()
-        ]
-        assert restored and restored[0].load().server_round == 3
+        loaded = []
+        for name in run_ids:
+            store = StateStore(state_dir, StateIdentity(int(name.removeprefix("run-")), 0, digest))
+            try:
+                loaded.append(store.load())
+            except StateError as exc:
+                assert "belongs to another client" in str(exc)
+        assert [state.server_round for state in loaded] == [3]
     finally:
         dep.close()
     for proc in dep.procs:
