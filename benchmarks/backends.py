@@ -52,14 +52,16 @@ def _local_compute(cfg: Config) -> list[float]:
     per_round = []
     for rnd in range(1, cfg.rounds + 1):
         chosen = coord.sample(range(cfg.num_clients), rnd)
-        broadcast = coord.broadcast(rnd)
+        outbox = coord.broadcast(rnd, chosen)
         t0 = time.perf_counter()
-        results = [clients[pid].train(broadcast, rnd, states[pid]) for pid in chosen]
+        results = [clients[pid].train(outbox.payloads[pid], rnd, states[pid], outbox.config[pid]) for pid in chosen]
         per_round.append(time.perf_counter() - t0)
         replies = [
             coord.decode(r.payloads, {"num-examples": r.num_examples, "train-loss": r.train_loss}, pid, pid)
             for pid, r in zip(chosen, results, strict=True)
         ]
+        for pid in chosen:
+            coord.acknowledge(pid)
         coord.apply(replies, rnd)
     return per_round
 

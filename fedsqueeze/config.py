@@ -3,8 +3,8 @@
 Keys use dashes, as in the TOML file, `--set key=value` and Flower's run_config:
 
     name, task, partition, num-clients, cohort-size, rounds, local-steps, local-epochs, lr,
-    batch-size, algorithm, compressor, downlink, dense-below, rules, seed, round-timeout,
-    min-replies, target-accuracy, out-dir
+    batch-size, algorithm, mode, compressor, feedback, downlink, downlink-feedback, dense-below,
+    rules, seed, round-timeout, min-replies, target-accuracy, out-dir
 
 `resolve(path, overrides)` is the one entry point; anything a user can get wrong raises
 `ConfigError` naming the key, the value and the valid choices, before a run starts.
@@ -38,6 +38,15 @@ else:  # Python 3.10: the same parser, installed with flwr
 
 DENSE_SPEC = "identity"
 NO_DOWNLINK = "none"
+#: lr value asking for the stepsize of the theory (fedsqueeze.runplan)
+THEORY_LR = "theory"
+#: "delta": clients train locally and send model deltas; "gradient": one local gradient per round
+MODES = ("delta", "gradient")
+#: "plain": the broadcast is C(x); "ef21p": the server sends C(x - w) and both sides keep w
+DOWNLINK_FEEDBACK = ("plain", "ef21p")
+#: the table of a run's config.toml holding values derived at start (lr = "theory" and its constants);
+#: a record of the run, ignored when the file is read back as a config
+RESOLVED_TABLE = "resolved"
 #: partition value meaning "the task's own default" (iid, contiguous or natural)
 DEFAULT_PARTITION = "default"
 
@@ -88,14 +97,21 @@ class Config:
     local_steps: int = 10
     #: local epochs per round (> 0 replaces `local_steps`)
     local_epochs: float = 0.0
-    lr: float = 0.2
+    #: a stepsize, or "theory" (derived from the task's smoothness and the compressor; see fedsqueeze.runplan)
+    lr: float | str = 0.2
     #: mini-batch size; 0 uses the client's whole training split (full-batch gradient)
     batch_size: int = 32
     algorithm: str = "fedavg"
+    #: "delta" (local training, model deltas) or "gradient" (one local gradient per round; algorithm fedavg)
+    mode: str = "delta"
     #: uplink compressor spec for every tensor no rule or size threshold takes
     compressor: str = "identity"
+    #: uplink error feedback / variance reduction: none, ef, ef21, efbv, diana (fedsqueeze.feedback)
+    feedback: str = "none"
     #: broadcast compressor spec, or "none" for the exact float32 model
     downlink: str = NO_DOWNLINK
+    #: what the compressed broadcast carries: "plain" C(x), or "ef21p" C(x - w) with w kept on both sides
+    downlink_feedback: str = "plain"
     #: tensors with fewer elements than this are sent dense
     dense_below: int = 0
     rules: tuple[TensorRule, ...] = ()
@@ -173,9 +189,14 @@ class Config:
         _finite("local-epochs", self.local_epochs, lower=0.0)
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ConfigError("local-steps", 0, "no local training: local-epochs is 0 too", "an integer >= 1")
-        _finite("lr", self.lr, lower=0.0, strict=True)
+        if isinstance(self.lr, str):
+            if self.lr != THEORY_LR:
+                raise ConfigError("lr", self.lr, "expected a number or 'theory'", f"a number > 0, {THEORY_LR}")
+        else:
+            _finite("lr", self.lr, lower=0.0, strict=True)
         _non_negative_int("batch-size", self.batch_size)
         _check_algorithm(self.algorithm)
+        _check_modes(self)
         _non_negative_int("dense-below", self.dense_below)
         _non_negative_int("seed", self.seed)
         _finite("round-timeout", self.round_timeout, lower=0.0, strict=True)
@@ -211,8 +232,12 @@ class Config:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], check_specs: bool = True) -> Config:
-        """The config a ServerApp or ClientApp receives (defaults fill keys Flower did not send)."""
-        return resolve(overrides=dict(run_config), check_specs=check_specs)
+        """The config a ServerApp or ClientApp receives (defaults fill keys Flower did not send).
+
+        Also reads a run directory's config (its [resolved] table is a record, not configuration).
+        """
+        values = {k: v for k, v in run_config.items() if k != RESOLVED_TABLE}
+        return resolve(overrides=values, check_specs=check_specs)
 
     def to_toml(self) -> str:
         """The resolved config as TOML; `resolve(path)` reads it back to an equal Config."""
@@ -257,6 +282,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("config", str(path), "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
+    data.pop(RESOLVED_TABLE, None)
     for key, value in data.items():
         if isinstance(value, dict):
             raise ConfigError(_key(key), value, "tables are not config values; write keys at the top level", keys())
@@ -448,6 +474,32 @@ def _check_algorithm(spec: str) -> None:
         raise ConfigError("algorithm", spec, str(exc), _algorithm_names()) from None
 
 
+def _check_modes(cfg: Config) -> None:
+    """mode, feedback and downlink-feedback, and what they need of the algorithm."""
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", cfg.mode, "unknown mode", MODES)
+    if cfg.downlink_feedback not in DOWNLINK_FEEDBACK:
+        raise ConfigError("downlink-feedback", cfg.downlink_feedback, "unknown downlink feedback", DOWNLINK_FEEDBACK)
+    from fedsqueeze import feedback
+    from fedsqueeze.algorithms import build
+
+    try:
+        feedback.parse_spec(cfg.feedback)
+    except feedback.FeedbackError as exc:
+        raise ConfigError("feedback", cfg.feedback, str(exc), feedback.available()) from None
+    if cfg.mode == "gradient" and cfg.algorithm != "fedavg":
+        raise ConfigError(
+            "mode", cfg.mode, f"gradient mode sends one local gradient per round; algorithm {cfg.algorithm!r} "
+            "communicates its own quantity (use mode = \"delta\" with it, or algorithm = \"fedavg\")",
+            MODES,
+        )  # fmt: skip
+    if cfg.feedback != "none" and build(cfg.algorithm).reports_weights:
+        raise ConfigError(
+            "feedback", cfg.feedback, f"algorithm {cfg.algorithm!r} weighs clients by values they report each "
+            "round, while feedback mechanisms keep running means over fixed client shares", ["none"],
+        )  # fmt: skip
+
+
 def _task_names() -> list[str]:
     try:
         from fedsqueeze.tasks import available_tasks
@@ -532,6 +584,18 @@ def _parse_float(key: str, value: Any) -> float:
     return float(value)
 
 
+def _parse_lr(key: str, value: Any) -> float | str:
+    """A number, or "theory"."""
+    if isinstance(value, str) and _unquote(str(value)).strip().lower() == THEORY_LR:
+        return THEORY_LR
+    try:
+        if isinstance(value, str) and not isinstance(value, _Raw):
+            raise ConfigError(key, value, "not a number")
+        return _parse_float(key, value)
+    except ConfigError:
+        raise ConfigError(key, _plain(value), "expected a number or 'theory'", f"a number > 0, {THEORY_LR}") from None
+
+
 def _parse_count_or_fraction(key: str, value: Any) -> int | float:
     """An int is a count, a float a fraction ("10" -> 10 clients, "0.5" or "1.0" -> a fraction)."""
     if isinstance(value, _Raw):
@@ -563,11 +627,14 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "rounds": _parse_int,
     "local-steps": _parse_int,
     "local-epochs": _parse_float,
-    "lr": _parse_float,
+    "lr": _parse_lr,
     "batch-size": _parse_int,
     "algorithm": _parse_str,
+    "mode": lambda k, v: _parse_str(k, v).strip(),
     "compressor": lambda k, v: _parse_str(k, v).strip(),
+    "feedback": lambda k, v: _parse_str(k, v).strip(),
     "downlink": _parse_spec_or_none,
+    "downlink-feedback": lambda k, v: _parse_str(k, v).strip(),
     "dense-below": _parse_int,
     "rules": lambda k, v: parse_rules(k, _unquote(v) if isinstance(v, _Raw) else v),
     "seed": _parse_int,

@@ -90,7 +90,10 @@ def test_message_contract(tmp_path):
         assert info.content["info"]["partition-id"] == 2
         assert info.content["info"]["num-examples"] == len(build_task(cfg).clients[2].train.y)
         content = RecordDict(
-            {"broadcast": payload_record(coord.broadcast(1)), "config": ConfigRecord(coord.round_config(1))}
+            {
+                "broadcast": payload_record(coord.broadcast(1, [2]).payloads[2]),
+                "config": ConfigRecord(coord.round_config(1)),
+            }
         )
         (reply,) = grid.send_and_receive([Message(content, dst_node_id=node, message_type="train")], timeout=60)
     update = reply.content["update"]

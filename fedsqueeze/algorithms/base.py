@@ -85,6 +85,9 @@ class Algorithm(ABC):
     """A federated algorithm: client half and server half, side by side."""
 
     name: str = ""
+    #: True when clients report their own weight in the average (AGGREGATION_WEIGHT); feedback
+    #: mechanisms keep running means over fixed client shares and cannot be used with such algorithms
+    reports_weights: bool = False
 
     @abstractmethod
     def client_step(

@@ -44,6 +44,7 @@ from .personal import client_report
 
 @register("scafflix")
 class Scafflix(Personalized, Algorithm):
+    reports_weights = True
     H, XHAT, GAMMA = "scafflix.h", "scafflix.xhat", "scafflix.gamma"
 
     def __init__(

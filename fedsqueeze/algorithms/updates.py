@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsqueeze.compressors import Compressed, Compressor, build
+from fedsqueeze.compressors import Compressed, Compressor, Dense, build
 
 DENSE_SPEC = "identity"
 DEFAULT_GROUP = "default"
@@ -126,6 +126,11 @@ class UpdatePlan:
 
         return cls(layout, spec_for)
 
+    def dense_like(self) -> UpdatePlan:
+        """The same groups, every one sent exact (float32): a client's first message under init=full, a resync."""
+        key_of = {s.name: g.key for g in self.groups for s in g.slots}
+        return UpdatePlan(self.layout, lambda name, numel: (DENSE_SPEC, key_of[name]))
+
     def keys(self) -> list[str]:
         return [g.key for g in self.groups]
 
@@ -172,7 +177,9 @@ class UpdatePlan:
         for group, c in zip(self.groups, payloads, strict=True):
             if c.numel != group.numel:
                 raise ValueError(f"payload for {group.key!r} stands for {c.numel} elements, expected {group.numel}")
-            pieces.append(group.compressor.decompress(c).reshape(-1).to(torch.float32))
+            # a dense payload stands for itself whatever the group's operator (first messages, resyncs)
+            dense = c.to_dense() if isinstance(c, Dense) else group.compressor.decompress(c)
+            pieces.append(dense.reshape(-1).to(torch.float32))
         return self.join(pieces)
 
     def describe(self) -> list[dict[str, object]]:

@@ -1,7 +1,8 @@
 """The client half of a round without Flower: payload bytes in, payload bytes and metrics out.
 
-    broadcast payloads --wire.decode--> x (downlink plan)
+    broadcast payloads --wire.decode--> x (downlink plan; with ef21p the client's copy w of the model)
     algorithm.client_step(x, model, data, loss, cfg, state) -> v_i
+    feedback mechanism (if any): v_i -> payload per group, state updated after sending
     uplink plan: v_i -> Compressed per group --wire.encode--> bytes
 
 `fedsqueeze.client.app` only translates Messages and Context to and from these calls.
@@ -17,10 +18,15 @@ import torch
 from torch import nn
 
 from fedsqueeze import wire
-from fedsqueeze.algorithms import Algorithm, LocalConfig, build, derive_seed
-from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
-from fedsqueeze.config import Config, build_task
+from fedsqueeze.algorithms import Algorithm, LocalConfig, derive_seed
+from fedsqueeze.config import Config
+from fedsqueeze.feedback import Broadcast
+from fedsqueeze.runplan import RunPlan, plan_for
 from fedsqueeze.tracking import relative_error
+
+#: round-config keys of the compressed downlink with feedback (fedsqueeze.server.coordinator)
+DOWNLINK_STEP = "downlink-step"
+DOWNLINK_RESYNC = "downlink-resync"
 
 
 @dataclass
@@ -33,36 +39,50 @@ class LocalResult:
 
 
 class LocalClient:
-    """One client (one partition) of a run: its data, a model to train, and the two plans."""
+    """One client (one partition) of a run: its data, a model to train, and the run's plan."""
 
     def __init__(self, cfg: Config, partition_id: int) -> None:
-        task = build_task(cfg)
+        plan: RunPlan = plan_for(cfg)
+        task = plan.task
         if not 0 <= partition_id < task.num_clients:
             raise ValueError(f"partition-id {partition_id} is outside 0..{task.num_clients - 1} (num-clients)")
         self.cfg = cfg
+        self.plan = plan
         self.partition_id = partition_id
         self.task = task
         self.data = task.clients[partition_id]
         self.model: nn.Module = task.new_model(seed=derive_seed(cfg.seed, "init"))
-        layout = layout_of(self.model)
-        self.uplink = UpdatePlan.uplink(layout, cfg)
-        self.downlink = UpdatePlan.downlink(layout, cfg)
-        self.algorithm: Algorithm = build(cfg.algorithm)
-        configure = getattr(self.algorithm, "configure", None)
-        if configure is not None:
-            configure(self.task)  # e.g. p = "theory" reads the task's objective
+        self.uplink = plan.uplink
+        self.downlink = plan.downlink
+        self.algorithm: Algorithm = plan.new_algorithm()
 
     @property
     def num_examples(self) -> int:
         return len(self.data.train.y)
 
-    def receive(self, broadcast: Mapping[str, bytes]) -> torch.Tensor:
-        """The global model from the broadcast payloads (raises wire.PayloadError or ValueError if malformed)."""
-        missing = [g.key for g in self.downlink.groups if g.key not in broadcast]
+    def receive(
+        self, broadcast: Mapping[str, bytes], extra: Mapping[str, object], state: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The model to start from (raises wire.PayloadError, FeedbackError or ValueError if unusable).
+
+        With ef21p the broadcast is C(x - w), or the server's w itself when `downlink-resync` is set,
+        and `state` keeps the client's w between rounds.
+        """
+        down = self.plan.downlink_feedback
+        resync = down is not None and bool(extra.get(DOWNLINK_RESYNC, False))
+        plan = self.plan.downlink_dense if resync else self.downlink
+        missing = [g.key for g in plan.groups if g.key not in broadcast]
         if missing:
             raise ValueError(f"broadcast lacks the payload(s) {missing}")
-        payloads = [wire.decode(broadcast[g.key], g.numel) for g in self.downlink.groups]
-        return self.downlink.decompress(payloads)
+        payloads = [wire.decode(broadcast[g.key], g.numel) for g in plan.groups]
+        if down is None:
+            return plan.decompress(payloads)
+        step = extra.get(DOWNLINK_STEP)
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"a {down.name} broadcast needs an integer {DOWNLINK_STEP}, got {step!r}")
+        if resync:
+            return down.resync(plan.decompress(payloads), step, state)
+        return down.receive(Broadcast(payloads, step), state, initial=self.plan.x0)
 
     def train(
         self,
@@ -73,26 +93,36 @@ class LocalClient:
     ) -> LocalResult:
         """One round of local work; `state` (the client's persistent tensors) is updated in place."""
         cfg = self.cfg
-        x = self.receive(broadcast)
+        extra = dict(extra or {})
+        x = self.receive(broadcast, extra, state)
         local = LocalConfig(
             server_round=server_round,
-            lr=cfg.lr,
+            lr=self.plan.lr,
             local_steps=cfg.local_steps,
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             seed=derive_seed(cfg.seed, server_round, self.partition_id, "local"),
-            extra=dict(extra or {}),
+            extra={k: v for k, v in extra.items() if k not in (DOWNLINK_STEP, DOWNLINK_RESYNC)},
         )
         out = self.algorithm.client_step(x, self.model, self.data, self.task.loss_fn, local, state)
         update = out.update.detach().to(torch.float32).reshape(-1)
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.seed, server_round, self.partition_id, "up"))
-        compressed = self.uplink.compress(update, gen)
-        payloads = {g.key: wire.encode(c) for g, c in zip(self.uplink.groups, compressed, strict=True)}
+        mechanism = self.plan.mechanism
+        if mechanism is None:
+            compressed = self.uplink.compress(update, gen)
+            error = relative_error(update, self.uplink.decompress(compressed))
+        else:
+            outgoing = mechanism.prepare(update, state, gen)
+            compressed = outgoing.payload
+            error = relative_error(outgoing.source, outgoing.sent) if outgoing.source is not None else float("nan")
+            mechanism.commit(state, outgoing)
+        groups = self.uplink.groups
+        payloads = {g.key: wire.encode(c) for g, c in zip(groups, compressed, strict=True)}
         return LocalResult(
             payloads=payloads,
             num_examples=out.num_examples,
             train_loss=out.train_loss,
-            compression_error=relative_error(update, self.uplink.decompress(compressed)),
+            compression_error=error,
             metrics=dict(out.metrics),
         )
 

@@ -74,6 +74,8 @@ class Outgoing:
     new_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: True when this is the client's first message and it carries its vector uncompressed
     initial: bool = False
+    #: the vector the codec compressed (v_i, v_i - h_i, e_i + v_i, ...), for the compression error
+    source: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- parameters

@@ -15,7 +15,9 @@ from the run seed), so no first message is needed.
 Partial participation: every client must apply every broadcast, in order, or its w drifts from the
 server's. Each broadcast carries its step number and the client half checks it against the number of
 broadcasts it has applied (FeedbackError if it missed one). `run_gradient_mode` delivers each
-broadcast to all clients (and counts the downlink bytes for every receiver).
+broadcast to all clients (and counts the downlink bytes for every receiver). A server that sends only
+to a cohort instead sends a client that missed broadcasts the server's w itself (`resync`), which
+costs a dense message but needs no history of past broadcasts.
 
 Memory: ef21p keeps one vector of d values on the server (w) and one per client (its copy of w,
 the model it computes at, plus a step counter); plain keeps nothing.
@@ -75,6 +77,15 @@ class Downlink:
         w = w + decoded.to(w.dtype)
         state[MODEL] = w
         state[STEP] = torch.tensor(message.step, dtype=torch.int64)
+        return w
+
+    def resync(self, w: torch.Tensor, step: int, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Replace the client's copy by the server's w after broadcast `step` (for a client that missed some)."""
+        if self.name == "plain":
+            raise FeedbackError("the plain downlink keeps no model copy to resynchronise")
+        w = check_vector(w).clone()
+        state[MODEL] = w
+        state[STEP] = torch.tensor(step, dtype=torch.int64)
         return w
 
     def __repr__(self) -> str:

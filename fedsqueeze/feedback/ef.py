@@ -36,7 +36,7 @@ class ErrorFeedback(Mechanism):
         e = state_vector(state, RESIDUAL, v)
         p = v if e is None else e + v
         payload, sent = self._compress(p, generator)
-        return Outgoing(payload, sent, {RESIDUAL: p - sent})
+        return Outgoing(payload, sent, {RESIDUAL: p - sent}, source=p)
 
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return CohortMean(num_clients, weights)

@@ -63,11 +63,12 @@ class EF21(Mechanism):
         g_i = state_vector(state, ESTIMATE, v)
         if g_i is None and self.init == "full":
             payload, sent = self._compress_dense(v)
-            return Outgoing(payload, sent, {ESTIMATE: sent}, initial=True)
+            return Outgoing(payload, sent, {ESTIMATE: sent}, initial=True, source=v)
         if g_i is None:
             g_i = torch.zeros_like(v)
-        payload, sent = self._compress(v - g_i, generator)
-        return Outgoing(payload, sent, {ESTIMATE: g_i + sent})
+        diff = v - g_i
+        payload, sent = self._compress(diff, generator)
+        return Outgoing(payload, sent, {ESTIMATE: g_i + sent}, source=diff)
 
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return EF21Server(num_clients, weights)

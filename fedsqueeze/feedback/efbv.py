@@ -89,11 +89,12 @@ class EFBV(Mechanism):
         h_i = state_vector(state, SHIFT, v)
         if h_i is None and self.init == "full":
             payload, sent = self._compress_dense(v)
-            return Outgoing(payload, sent, {SHIFT: sent}, initial=True)
+            return Outgoing(payload, sent, {SHIFT: sent}, initial=True, source=v)
         if h_i is None:
             h_i = torch.zeros_like(v)
-        payload, sent = self._compress(v - h_i, generator)
-        return Outgoing(payload, sent, {SHIFT: h_i + self.lam * sent})
+        diff = v - h_i
+        payload, sent = self._compress(diff, generator)
+        return Outgoing(payload, sent, {SHIFT: h_i + self.lam * sent}, source=diff)
 
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return ShiftedServer(num_clients, weights, lam=self.lam, nu=self.nu, full_init=self.init == "full")

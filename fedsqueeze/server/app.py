@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.client.app import payload_record, payloads_from
-from fedsqueeze.config import Config
+from fedsqueeze.config import RESOLVED_TABLE, Config
 from fedsqueeze.tracking import RunDir, Tracker
 
 from .coordinator import Coordinator, InvalidReply, Reply, mean, weighted_mean
@@ -61,7 +61,8 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
     """Run every round of `cfg` on `grid`; returns the summary. `observer(event, data)` sees progress."""
     started_at = time.time()
     coord = Coordinator(cfg)
-    run_dir = RunDir.create(cfg.out_dir, cfg.name, cfg.to_run_config())
+    # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
+    run_dir = RunDir.create(cfg.out_dir, cfg.name, {**cfg.to_run_config(), RESOLVED_TABLE: coord.plan.resolved})
     tracker = Tracker(run_dir, convex=bool(coord.task.is_convex), target_accuracy=cfg.target_accuracy or None)
     notify = observer or (lambda event, data: None)
     notify("start", {"run_dir": str(run_dir.path), "rounds": cfg.rounds, "params": coord.uplink.numel})
@@ -91,6 +92,7 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
             # when the ServerApp started (epoch seconds) and how long model set-up and node discovery took
             "started_at": started_at,
             "setup_s": setup_s,
+            "resolved": coord.plan.resolved,
         }
         if coord.task.is_convex and coord.task.objective is not None:
             optimum = coord.task.optimum  # computed once (cached by the task), kept with the run
@@ -140,9 +142,7 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
     """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
     t0 = time.perf_counter()
     chosen = coord.sample(range(cfg.num_clients), server_round)
-    payloads = coord.broadcast(server_round)
-    broadcast = payload_record(payloads)
-    config = ConfigRecord(coord.round_config(server_round))
+    outbox = coord.broadcast(server_round, chosen)
     failures: list[str] = []
     msgs, sent = [], {}
     for pid in chosen:
@@ -151,7 +151,7 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
             failures.append(f"partition {pid}: no node holds it")
             continue
         msg = Message(
-            RecordDict({"broadcast": broadcast, "config": config}),
+            RecordDict({"broadcast": payload_record(outbox.payloads[pid]), "config": ConfigRecord(outbox.config[pid])}),
             dst_node_id=node,
             message_type="train",
             group_id=str(server_round),
@@ -159,7 +159,7 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
         msgs.append((pid, node, msg))
     replies = list(grid.send_and_receive([m for _, _, m in msgs], timeout=cfg.round_timeout))
     sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
-    downlink_bytes = sum(len(b) for b in payloads.values()) * len(msgs)
+    downlink_bytes = outbox.bytes_to([pid for pid, _, _ in msgs])
 
     ok: list[Reply] = []
     uplink_bytes = 0
@@ -182,6 +182,7 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
             failures.append(f"node {node} (partition {pid}): invalid reply: {exc}")
             continue
         ok.append(decoded)
+        coord.acknowledge(pid)
     for key, (pid, node) in sent.items():
         if key not in answered:
             failures.append(f"node {node} (partition {pid}): no reply within round-timeout {cfg.round_timeout:g} s")
@@ -189,9 +190,8 @@ def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int]
         log.warning("round %d: %s", server_round, failure)
 
     applied = len(ok) >= cfg.min_replies
-    if applied:
-        coord.apply(ok, server_round)
-    else:
+    coord.apply(ok, server_round, step=applied)
+    if not applied:
         log.warning(
             "round %d skipped: %d valid replies, min-replies is %d; the model is unchanged",
             server_round,

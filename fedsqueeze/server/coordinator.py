@@ -1,8 +1,11 @@
 """The server half of a round without Flower: sampling, broadcast, validation, aggregation, evaluation.
 
-    x --downlink plan--> payload bytes (the same for every sampled client)
+    x --downlink plan--> payload bytes (the same for every sampled client; with ef21p C(x - w), and
+                         the dense w for a client that missed broadcasts)
     reply bytes --wire.decode against the expected group sizes--> Compressed --> v_i   (or InvalidReply)
-    g = algorithm.aggregate(v_i, weights = AGGREGATION_WEIGHT or examples);  x' = algorithm.server_step(x, g)
+    g = feedback server half ({i: v_i})  or, without feedback in delta mode,
+        algorithm.aggregate(v_i, weights = AGGREGATION_WEIGHT or examples)
+    x' = algorithm.server_step(x, g)
 
 `fedsqueeze.server.app` drives these calls from its round loop and turns Messages into them.
 """
@@ -18,9 +21,10 @@ from pathlib import Path
 import torch
 
 from fedsqueeze import wire
-from fedsqueeze.algorithms import AGGREGATION_WEIGHT, Algorithm, build, derive_seed
-from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
-from fedsqueeze.config import Config, build_task
+from fedsqueeze.algorithms import AGGREGATION_WEIGHT, Algorithm, derive_seed
+from fedsqueeze.client.local import DOWNLINK_RESYNC, DOWNLINK_STEP
+from fedsqueeze.config import Config
+from fedsqueeze.runplan import plan_for
 
 
 class InvalidReply(ValueError):
@@ -41,21 +45,36 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Outbox:
+    """A round's downlink: payloads and round config per sampled partition, and the bytes they cost."""
+
+    payloads: dict[int, dict[str, bytes]]
+    config: dict[int, dict[str, bool | int | float | str]]
+
+    def bytes_to(self, partition_ids: Sequence[int]) -> int:
+        return sum(sum(len(b) for b in self.payloads[pid].values()) for pid in partition_ids)
+
+
 class Coordinator:
     """The global model and everything the server does with it."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.task = build_task(cfg)
+        self.plan = plan_for(cfg)
+        self.task = self.plan.task
         self.model = self.task.new_model(seed=derive_seed(cfg.seed, "init"))
-        self.layout = layout_of(self.model)
-        self.x = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().clone()
-        self.uplink = UpdatePlan.uplink(self.layout, cfg)
-        self.downlink = UpdatePlan.downlink(self.layout, cfg)
-        self.algorithm: Algorithm = build(cfg.algorithm)
-        configure = getattr(self.algorithm, "configure", None)
-        if configure is not None:
-            configure(self.task)  # e.g. p = "theory" reads the task's objective
+        self.layout = self.plan.layout
+        self.x = self.plan.x0.clone()
+        self.uplink = self.plan.uplink
+        self.downlink = self.plan.downlink
+        self.algorithm: Algorithm = self.plan.new_algorithm()
+        mechanism = self.plan.mechanism
+        self.feedback = None if mechanism is None else mechanism.server(cfg.num_clients, self.plan.shares())
+        down = self.plan.downlink_feedback
+        self.downlink_server = None if down is None else down.server(self.plan.x0)
+        #: ef21p: the downlink step each partition's copy of w is known to be at (0: w^0 = x^0)
+        self.synced: dict[int, int] = {}
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
@@ -69,11 +88,42 @@ class Coordinator:
         return sorted(ids[i] for i in chosen)
 
     # ---- downlink --------------------------------------------------------------------------
-    def broadcast(self, server_round: int) -> dict[str, bytes]:
-        """The payloads every sampled client receives this round."""
+    def broadcast(self, server_round: int, partition_ids: Sequence[int]) -> Outbox:
+        """What each sampled partition receives this round.
+
+        Without downlink feedback every client gets the same payloads. With ef21p the server first
+        moves w <- w + C(x - w); a client whose copy is at the previous step gets C(x - w), one that
+        missed a broadcast (not sampled, or its reply was lost) gets w itself, exact.
+        """
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, server_round, "down"))
-        compressed = self.downlink.compress(self.x, gen)
-        return {g.key: wire.encode(c) for g, c in zip(self.downlink.groups, compressed, strict=True)}
+        base = self.round_config(server_round)
+        if self.downlink_server is None:
+            payloads = _encode(self.downlink, self.downlink.compress(self.x, gen))
+            return Outbox({p: payloads for p in partition_ids}, {p: base for p in partition_ids})
+        message = self.downlink_server.broadcast(self.x, gen)
+        step = message.step
+        delta = _encode(self.downlink, message.payload)
+        resync: dict[str, bytes] | None = None
+        out = Outbox({}, {})
+        for pid in partition_ids:
+            if self.synced.get(pid, 0) == step - 1:
+                out.payloads[pid] = delta
+                out.config[pid] = {**base, DOWNLINK_STEP: step, DOWNLINK_RESYNC: False}
+            else:
+                if resync is None:
+                    dense = self.plan.downlink_dense
+                    resync = _encode(dense, dense.compress(self.downlink_server.w))
+                out.payloads[pid] = resync
+                out.config[pid] = {**base, DOWNLINK_STEP: step, DOWNLINK_RESYNC: True}
+        # a partition that does not reply may or may not have applied this broadcast: it gets w next time
+        for pid in partition_ids:
+            self.synced.pop(pid, None)
+        return out
+
+    def acknowledge(self, partition_id: int) -> None:
+        """A valid reply: the partition applied this round's broadcast."""
+        if self.downlink_server is not None:
+            self.synced[partition_id] = self.downlink_server.step
 
     def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
         return {
@@ -117,12 +167,24 @@ class Coordinator:
         )
 
     # ---- aggregation -----------------------------------------------------------------------
-    def apply(self, replies: Sequence[Reply], server_round: int) -> None:
-        """Aggregate the replies (in partition order, so the result does not depend on arrival order)."""
+    def apply(self, replies: Sequence[Reply], server_round: int, *, step: bool = True) -> None:
+        """Aggregate the replies (in partition order, so the result does not depend on arrival order).
+
+        step=False (a round with too few replies): the model stays, but a feedback mechanism's running
+        quantities still take the replies in, since those clients have already updated their memory.
+        """
         ordered = sorted(replies, key=lambda r: r.partition_id)
-        weights = [float(r.metrics.get(AGGREGATION_WEIGHT, r.num_examples)) for r in ordered]
-        estimate = self.algorithm.aggregate([r.update for r in ordered], weights)
-        self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
+        if self.feedback is not None:
+            if not ordered:
+                return
+            estimate = self.feedback.aggregate({r.partition_id: r.update for r in ordered})
+        elif not step:
+            return
+        else:
+            weights = [float(r.metrics.get(AGGREGATION_WEIGHT, r.num_examples)) for r in ordered]
+            estimate = self.algorithm.aggregate([r.update for r in ordered], weights)
+        if step:
+            self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
 
     def save_model(self, path: Path) -> None:
         """The current global model as a state_dict (written atomically)."""
@@ -139,6 +201,10 @@ class Coordinator:
         out = {"test_loss": float(loss), "test_accuracy": float(acc)}
         out.update({k: float(v) for k, v in self.task.convex_metrics(self.x).items()})
         return out
+
+
+def _encode(plan: object, compressed: Sequence[object]) -> dict[str, bytes]:
+    return {g.key: wire.encode(c) for g, c in zip(plan.groups, compressed, strict=True)}  # type: ignore[attr-defined]
 
 
 _KNOWN = {"num-examples", "train-loss", "compression-error", "partition-id"}

@@ -1,0 +1,45 @@
+"""Gradient mode: one local gradient per round, the setting of the error-feedback theory.
+
+Client i sends v_i = grad f_i(w), the gradient of its training loss at the model w it received: over its
+whole training split with batch-size 0 (exactly f_i's gradient), or over one seeded mini-batch otherwise.
+The server steps x <- x - lr g with the estimate g that the feedback mechanism forms from the replies.
+
+Not a registered algorithm: `mode = "gradient"` in the run config selects it (the other algorithms
+communicate model deltas and are the model-delta mode).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._local import Batches, flat_grad, train_split
+from .base import Algorithm, ClientOutput, LocalConfig, LossFn
+
+
+class GradientStep(Algorithm):
+    """v_i = grad f_i(x); x <- x - lr g."""
+
+    name = "gradient"
+
+    def __init__(self, lr: float) -> None:
+        if not lr > 0:
+            raise ValueError(f"gradient mode needs a stepsize lr > 0, got {lr}")
+        self.lr = float(lr)
+
+    def client_step(
+        self,
+        x: torch.Tensor,
+        model: nn.Module,
+        data: object,
+        loss_fn: LossFn,
+        cfg: LocalConfig,
+        state: dict[str, torch.Tensor],
+    ) -> ClientOutput:
+        inputs, labels = train_split(data)
+        xb, yb = Batches(inputs, labels, cfg.batch_size, cfg.seed).next()
+        loss, grad = flat_grad(model, x, loss_fn, xb, yb)
+        return ClientOutput(update=grad.to(torch.float32), num_examples=len(labels), train_loss=loss)
+
+    def server_step(self, x: torch.Tensor, estimate: torch.Tensor, server_round: int) -> torch.Tensor:
+        return x - self.lr * estimate.to(x.dtype)
