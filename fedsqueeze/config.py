@@ -456,6 +456,40 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def format_task(name: str, options: Mapping[str, Any]) -> str:
+    """A task spec from its name and options (inverse of `parse_task`)."""
+    if not options:
+        return name
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(literal(v) for v in value) + "]"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return f"{name}(" + ", ".join(f"{k}={literal(v)}" for k, v in options.items()) + ")"
+
+
+def with_data_path(cfg: Config, path: str) -> Config:
+    """The config a device uses when its copy of the task's data lives at `path` (node config `data-path`).
+
+    Replaces the `path` option of a file-backed task (libsvm-logreg, mnist-mlp, mnist-cnn, or a user's
+    task taking `path`); the partition each device trains on is still chosen by its `partition-id`.
+    """
+    name, options = parse_task(cfg.task)
+    valid: Mapping[str, Any] | None = None
+    if ":" not in name:
+        from fedsqueeze.tasks import task_options
+
+        valid = task_options(name)
+    if (valid is not None and "path" not in valid) or (valid is None and "path" not in options):
+        raise ConfigError("data-path", path, f"task {name!r} reads no data files, so a node's data-path has no use")
+    return dataclasses.replace(cfg, task=format_task(name, {**options, "path": str(path)}))
+
+
 def _algorithm_names() -> list[str]:
     from fedsqueeze.algorithms import available
 

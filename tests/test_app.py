@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -159,3 +160,47 @@ def test_identity_and_averaging_equal_flowers_fedavg(tmp_path):
         moved = float((ours[name] - init[name]).abs().max())
         assert moved > 1e-3  # the models trained
         np.testing.assert_allclose(ours[name].numpy(), theirs[name].numpy(), rtol=0, atol=2e-6)
+
+
+def test_each_node_reads_the_task_data_from_its_own_data_path(tmp_path):
+    """node config `data-path`: a device's copy of a file-backed task's data, wherever it keeps it."""
+    import shutil
+
+    from sklearn.datasets import dump_svmlight_file, load_digits
+
+    from fedsqueeze.client.app import app as client_app
+    from fedsqueeze.server.app import app as server_app
+    from fedsqueeze.simulation.grid import run_inprocess
+    from fedsqueeze.tracking import read_metrics
+
+    x, y = load_digits(return_X_y=True)
+    server_copy = tmp_path / "server" / "digits.svm"
+    server_copy.parent.mkdir()
+    dump_svmlight_file(x[:400], (y[:400] < 5).astype(int), str(server_copy))
+    devices = []
+    for i in range(2):
+        device_copy = tmp_path / f"device{i}" / "mine.svm"
+        device_copy.parent.mkdir()
+        shutil.copy(server_copy, device_copy)
+        devices.append({"partition-id": i, "data-path": str(device_copy)})
+    common = [f"task=libsvm-logreg(path={str(server_copy)!r})", "num-clients=2", "rounds=2", f"out-dir={tmp_path}"]
+    reference = simulate(resolve(overrides=[*common, "name=reference"]))
+    cfg = resolve(overrides=[*common, "name=devices"])
+    run_inprocess(server_app, client_app, 2, cfg.to_run_config(), node_configs=devices)
+    rows = read_metrics(tmp_path / "devices" / "metrics.jsonl")
+    strip = lambda row: {k: v for k, v in row.items() if k != "wall_s"}  # noqa: E731
+    assert [strip(r) for r in rows] == [strip(r) for r in reference.rows]
+    # a device whose copy is missing answers with an error the server counts; the other one trains
+    devices[1]["data-path"] = str(tmp_path / "device1" / "gone.svm")
+    run_inprocess(server_app, client_app, 2, cfg.replace(name="missing").to_run_config(), node_configs=devices)
+    rows = read_metrics(tmp_path / "missing" / "metrics.jsonl")
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rows] == [(1, 1), (1, 1)]
+
+
+def test_data_path_for_a_task_without_files_is_an_error():
+    from fedsqueeze.config import ConfigError, with_data_path
+
+    with pytest.raises(ConfigError, match="reads no data files"):
+        with_data_path(resolve(overrides=["task=digits-mlp"]), "/data/x.svm")
+    cfg = with_data_path(resolve(overrides=['task=libsvm-logreg(path="a.svm", reg=0.5)']), '/d/"b".svm')
+    assert cfg.task_name_and_options() == ("libsvm-logreg", {"path": '/d/"b".svm', "reg": 0.5})

@@ -2,7 +2,8 @@
 authentication and a database; SuperNodes with keys from `fedsqueeze keys`; `flwr run .`.
 
 One SuperLink serves every scenario (each start costs seconds, each round ~17 s on two cores):
-  run A: 2 rounds with a compressor; metrics and bytes equal the in-process simulation's;
+  run A: 2 rounds with a compressor and error feedback (EF21); metrics and bytes equal the in-process
+         simulation's;
          meanwhile a SuperNode with an unregistered key is refused and one without the CA cannot connect;
   run B: 3 rounds; SuperNode 0 is restarted after round 1 and restores its state from state-dir.
 Every process is stopped by its PID (process group) in a finally block, also when an assertion fails.
@@ -40,7 +41,7 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
     creds = planned(tmp_path / "keys", 3)
     state_dir = tmp_path / "state"
     runs = tmp_path / "runs"
-    common = ["num-clients=2", "local-steps=3", "compressor=topk(0.1)", f"out-dir={runs}"]
+    common = ["num-clients=2", "local-steps=3", "compressor=topk(0.1)", "feedback=ef21", f"out-dir={runs}"]
     cfg_a = resolve(overrides=[*common, "name=deploy-a", "rounds=2", "round-timeout=120"])
     cfg_b = resolve(overrides=[*common, "name=deploy-b", "rounds=3", "round-timeout=40", "min-replies=1"])
 
@@ -66,7 +67,9 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
         rows = _rows(runs / "deploy-a")
         assert [r["round"] for r in rows] == [1, 2]
         assert all(r["clients_ok"] == 2 and r["clients_failed"] == 0 and r["applied"] for r in rows)
-        assert all(0 < r["uplink_bytes"] < r["dense_uplink_bytes"] for r in rows)  # topk(0.1) compresses
+        # EF21's first message is the dense delta (init=full), then top-k of the change
+        assert rows[0]["uplink_bytes"] > rows[0]["dense_uplink_bytes"]
+        assert 0 < rows[1]["uplink_bytes"] < rows[1]["dense_uplink_bytes"] / 4
 
         local = simulate(cfg_a.replace(name="sim-a"))
         for dep_row, sim_row in zip(rows, local.rows, strict=True):
@@ -121,6 +124,7 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
             except StateError as exc:
                 assert "belongs to another client" in str(exc)
         assert [state.server_round for state in loaded] == [3]
+        assert set(loaded[0].tensors) == {"feedback.g"}  # EF21's g_i, what the restarted node restored
     finally:
         dep.close()
     for proc in dep.procs:

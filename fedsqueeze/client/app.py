@@ -11,7 +11,8 @@ Messages (the contract with `fedsqueeze.server.app`):
 
 Every payload is `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by
 its group (see `fedsqueeze.algorithms.updates`); `len(data)` is what crossed the wire. The run
-configuration comes from `context.run_config`, the partition from `context.node_config`; the
+configuration comes from `context.run_config`, the partition (and, for file-backed tasks, the
+device's own `data-path`) from `context.node_config`; the
 algorithm's persistent tensors live in `context.state["fedsqueeze.state"]` between rounds, and
 also in a file under `state-dir` when the node config sets it (`fedsqueeze.deploy.state`).
 """
@@ -26,12 +27,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsqueeze.config import Config
+from fedsqueeze.config import Config, with_data_path
 from fedsqueeze.deploy.state import store_for
 
 from .local import client_for
 
 STYPE = "fedsqueeze/v1"
+#: node config key: where this device keeps its copy of a file-backed task's data
+DATA_PATH_KEY = "data-path"
 STATE_KEY = "fedsqueeze.state"
 #: in context.state once this node's state is there and on disk (state-dir): no file to restore
 DURABLE_KEY = "fedsqueeze.durable"
@@ -122,7 +125,9 @@ def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
 
 
 def _config(context: Context) -> Config:
-    return _config_cached(tuple(sorted(context.run_config.items())))
+    cfg = _config_cached(tuple(sorted(context.run_config.items())))
+    path = context.node_config.get(DATA_PATH_KEY)
+    return with_data_path(cfg, str(path)) if path else cfg
 
 
 @functools.lru_cache(maxsize=8)

@@ -43,8 +43,9 @@ class SimulationResult:
 
 
 def preflight(cfg: Config) -> None:
-    """Everything that can fail before a run starts: the task (data files, options), the model and the
-    compression plans (rules that match no parameter, operators that reject the layout). Raises ConfigError."""
+    """Everything that can fail before a run starts: the task (data files, options), the model, the
+    compression plans (rules that match no parameter, operators that reject the layout), the feedback
+    mechanisms and `lr = "theory"` (compressor constants, a stepsize rule). Raises ConfigError."""
     from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
     from fedsqueeze.compressors import CompressorError
     from fedsqueeze.config import ConfigError, build_task
@@ -58,6 +59,9 @@ def preflight(cfg: Config) -> None:
         UpdatePlan.downlink(layout, cfg)
     except CompressorError as exc:
         raise ConfigError("downlink", cfg.downlink, str(exc)) from None
+    from fedsqueeze.runplan import plan_for
+
+    plan_for(cfg)
 
 
 def simulate(
