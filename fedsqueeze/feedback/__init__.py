@@ -17,7 +17,7 @@ shared/reference/algorithms.md section 2):
 | ef21(init=full) | g_i (d values) | g (d values) | ef21.py |
 | efbv(lam, nu, init=full) | h_i (d values) | h (d values) + 1 bit per client | efbv.py |
 | diana(a, init=zero) | h_i (d values) | h (d values) (+ 1 bit per client, init=full) | diana.py |
-| downlink ef21p | w (d values) + step counter | w (d values) | downlink.py |
+| downlink ef21p | w (d values) + step counter | w (d values) (+ the step each client holds, in the app) | downlink.py |
 
 The mechanisms act on whatever flat vector v_i the algorithm communicates: in gradient mode (one
 local gradient per round, the setting of the theory) v_i = grad f_i and the server steps
@@ -25,7 +25,9 @@ x <- x - gamma g; in model-delta mode v_i is the client's model delta after loca
 server steps x <- x + g.
 
 `theory` computes lambda*, nu*, r, r_av, s*, the EF-BV, EF21 and DIANA stepsizes from a compressor's
-declared (eta, omega); `run_gradient_mode` runs gradient mode on an exact objective.
+declared (eta, omega); `run_gradient_mode` runs gradient mode on an exact objective. The Flower apps
+use these halves through `fedsqueeze.runplan` (config keys `feedback`, `downlink-feedback`, `mode`,
+`lr = "theory"`): the client half in the ClientApp, the server half in the ServerApp's coordinator.
 """
 
 from . import diana, ef, ef21, efbv, none  # noqa: F401  (register the built-in mechanisms)
