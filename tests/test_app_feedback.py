@@ -102,6 +102,7 @@ def drive(cfg, rounds: int):
     """The round loop of the ServerApp without Flower: coordinator, one LocalClient per partition."""
     coord = Coordinator(cfg)
     clients = [LocalClient(cfg, pid) for pid in range(cfg.num_clients)]
+    drive.clients = clients
     states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
     history = []
     for rnd in range(1, rounds + 1):
@@ -136,6 +137,11 @@ def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
                 assert all(torch.equal(before[pid][k], after[pid][k]) for k in before[pid]), (rnd, pid)
         resync = [pid for pid in chosen if outbox.config[pid]["downlink-resync"]]
         assert (resync == []) == (rnd == 1)  # in round 1 every copy is w^0; later, sampled clients lagged
+    # each client's last memory update waits for the server's acknowledgement (the next round it is sampled)
+    for pid, client in enumerate(drive.clients):
+        assert ("pending.round" in states[pid]) == (pid in {p for h in history for p in h[0]})
+        client.settle(states[pid], coord.accepted.get(pid))
+        assert not any(k.startswith("pending.") for k in states[pid])
     shares = torch.tensor(plan_for(cfg).shares(), dtype=torch.float64)
     shares /= shares.sum()
     seen = [pid for pid in range(N) if "feedback.h" in states[pid]]
@@ -221,3 +227,31 @@ def test_model_delta_mode_with_error_feedback_recovers_what_top_k_loses(tmp_path
     assert ef21.rows[-1]["test_accuracy"] > plain.rows[-1]["test_accuracy"] + 0.05
     # the first message of each client is its delta uncompressed (init=full), later ones are top-1 %
     assert ef21.rows[0]["uplink_bytes"] > 20 * ef21.rows[1]["uplink_bytes"]
+
+
+def test_a_reply_the_server_never_took_in_leaves_client_and_server_memory_in_agreement(L):
+    """A client's EF21 memory update is committed only once the server acknowledges the reply."""
+    cfg = resolve(overrides=[*TASK, "num-clients=3", "feedback=ef21", "compressor=topk(k=2)", f"lr={1 / L!r}"])
+    coord = Coordinator(cfg)
+    client = LocalClient(cfg, 0)
+    others = [LocalClient(cfg, pid) for pid in (1, 2)]
+    state: dict[str, torch.Tensor] = {}
+    other_states: list[dict[str, torch.Tensor]] = [{}, {}]
+
+    def round_(rnd: int, deliver_0: bool) -> None:
+        outbox = coord.broadcast(rnd, [0, 1, 2])
+        replies = []
+        for pid, c, s in ((0, client, state), (1, others[0], other_states[0]), (2, others[1], other_states[1])):
+            r = c.train(outbox.payloads[pid], rnd, s, outbox.config[pid])
+            if pid != 0 or deliver_0:
+                replies.append(coord.decode(r.payloads, {"num-examples": r.num_examples}, pid, pid))
+        coord.apply(replies, rnd)
+
+    round_(1, True)
+    round_(2, False)  # client 0's reply is lost: the server's g does not include it
+    round_(3, True)  # client 0 drops its round-2 update, commits round 1's, sends against that memory
+    round_(4, True)
+    for c, s in ((client, state), (others[0], other_states[0]), (others[1], other_states[1])):
+        c.settle(s, coord.accepted.get(c.partition_id))
+    mean_g = sum(s["feedback.g"].to(torch.float64) for s in (state, *other_states)) / 3
+    torch.testing.assert_close(coord.feedback.state["g"].to(torch.float64), mean_g, rtol=1e-6, atol=1e-7)

@@ -20,13 +20,19 @@ from torch import nn
 from fedsqueeze import wire
 from fedsqueeze.algorithms import Algorithm, LocalConfig, derive_seed
 from fedsqueeze.config import Config
-from fedsqueeze.feedback import Broadcast
+from fedsqueeze.feedback import Broadcast, Outgoing
 from fedsqueeze.runplan import RunPlan, plan_for
 from fedsqueeze.tracking import relative_error
 
 #: round-config keys of the compressed downlink with feedback (fedsqueeze.server.coordinator)
 DOWNLINK_STEP = "downlink-step"
 DOWNLINK_RESYNC = "downlink-resync"
+#: round-config key: the last round whose reply from this partition the server's feedback half took in
+FEEDBACK_ACK = "feedback-ack"
+SERVER_KEYS = (DOWNLINK_STEP, DOWNLINK_RESYNC, FEEDBACK_ACK)
+#: state keys of the feedback memory update that waits for the server's acknowledgement
+PENDING = "pending."
+PENDING_ROUND = PENDING + "round"
 
 
 @dataclass
@@ -84,6 +90,15 @@ class LocalClient:
             return down.resync(plan.decompress(payloads), step, state)
         return down.receive(Broadcast(payloads, step), state, initial=self.plan.x0)
 
+    def settle(self, state: dict[str, torch.Tensor], acknowledged: object) -> None:
+        """Commit the pending memory update if the server took in the reply it belongs to, else drop it."""
+        if PENDING_ROUND not in state or self.plan.mechanism is None:
+            return
+        sent_in = int(state.pop(PENDING_ROUND))
+        pending = {k.removeprefix(PENDING): state.pop(k) for k in [k for k in state if k.startswith(PENDING)]}
+        if isinstance(acknowledged, int) and not isinstance(acknowledged, bool) and acknowledged == sent_in:
+            self.plan.mechanism.commit(state, Outgoing(payload=None, sent=torch.empty(0), new_state=pending))
+
     def train(
         self,
         broadcast: Mapping[str, bytes],
@@ -102,7 +117,7 @@ class LocalClient:
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             seed=derive_seed(cfg.seed, server_round, self.partition_id, "local"),
-            extra={k: v for k, v in extra.items() if k not in (DOWNLINK_STEP, DOWNLINK_RESYNC)},
+            extra={k: v for k, v in extra.items() if k not in SERVER_KEYS},
         )
         out = self.algorithm.client_step(x, self.model, self.data, self.task.loss_fn, local, state)
         update = out.update.detach().to(torch.float32).reshape(-1)
@@ -112,10 +127,15 @@ class LocalClient:
             compressed = self.uplink.compress(update, gen)
             error = relative_error(update, self.uplink.decompress(compressed))
         else:
+            self.settle(state, extra.get(FEEDBACK_ACK))
             outgoing = mechanism.prepare(update, state, gen)
             compressed = outgoing.payload
             error = relative_error(outgoing.source, outgoing.sent) if outgoing.source is not None else float("nan")
-            mechanism.commit(state, outgoing)
+            # the memory update waits until the server says it took this reply in (next time this
+            # client is sampled): a reply that never arrives, or arrives after the round timeout,
+            # leaves client and server memory in agreement
+            state.update({PENDING + k: v for k, v in outgoing.new_state.items()})
+            state[PENDING_ROUND] = torch.tensor(server_round, dtype=torch.int64)
         groups = self.uplink.groups
         payloads = {g.key: wire.encode(c) for g, c in zip(groups, compressed, strict=True)}
         return LocalResult(

@@ -22,7 +22,7 @@ import torch
 
 from fedsqueeze import wire
 from fedsqueeze.algorithms import AGGREGATION_WEIGHT, Algorithm, derive_seed
-from fedsqueeze.client.local import DOWNLINK_RESYNC, DOWNLINK_STEP
+from fedsqueeze.client.local import DOWNLINK_RESYNC, DOWNLINK_STEP, FEEDBACK_ACK
 from fedsqueeze.config import Config
 from fedsqueeze.runplan import plan_for
 
@@ -75,6 +75,9 @@ class Coordinator:
         self.downlink_server = None if down is None else down.server(self.plan.x0)
         #: ef21p: the downlink step each partition's copy of w is known to be at (0: w^0 = x^0)
         self.synced: dict[int, int] = {}
+        #: feedback: the last round whose reply from each partition the server half took in (sent
+        #: back as feedback-ack, so that a client commits its memory update only for replies that counted)
+        self.accepted: dict[int, int] = {}
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
@@ -97,9 +100,13 @@ class Coordinator:
         """
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, server_round, "down"))
         base = self.round_config(server_round)
+        if self.feedback is not None:
+            configs = {p: {**base, FEEDBACK_ACK: self.accepted.get(p, 0)} for p in partition_ids}
+        else:
+            configs = {p: base for p in partition_ids}
         if self.downlink_server is None:
             payloads = _encode(self.downlink, self.downlink.compress(self.x, gen))
-            return Outbox({p: payloads for p in partition_ids}, {p: base for p in partition_ids})
+            return Outbox({p: payloads for p in partition_ids}, configs)
         message = self.downlink_server.broadcast(self.x, gen)
         step = message.step
         delta = _encode(self.downlink, message.payload)
@@ -108,13 +115,13 @@ class Coordinator:
         for pid in partition_ids:
             if self.synced.get(pid, 0) == step - 1:
                 out.payloads[pid] = delta
-                out.config[pid] = {**base, DOWNLINK_STEP: step, DOWNLINK_RESYNC: False}
+                out.config[pid] = {**configs[pid], DOWNLINK_STEP: step, DOWNLINK_RESYNC: False}
             else:
                 if resync is None:
                     dense = self.plan.downlink_dense
                     resync = _encode(dense, dense.compress(self.downlink_server.w))
                 out.payloads[pid] = resync
-                out.config[pid] = {**base, DOWNLINK_STEP: step, DOWNLINK_RESYNC: True}
+                out.config[pid] = {**configs[pid], DOWNLINK_STEP: step, DOWNLINK_RESYNC: True}
         # a partition that does not reply may or may not have applied this broadcast: it gets w next time
         for pid in partition_ids:
             self.synced.pop(pid, None)
@@ -178,6 +185,7 @@ class Coordinator:
             if not ordered:
                 return
             estimate = self.feedback.aggregate({r.partition_id: r.update for r in ordered})
+            self.accepted.update({r.partition_id: server_round for r in ordered})
         elif not step:
             return
         else:
