@@ -696,8 +696,10 @@ def _finite(key: str, value: float, lower: float, strict: bool = False) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
-        raise ConfigError("name", name, "a run name is one directory name", "letters, digits, '-', '_', '.'")
+    from fedsqueeze.tracking.rundir import RUN_NAME_RULE, valid_run_name
+
+    if not valid_run_name(name):
+        raise ConfigError("name", name, f"a run name is one directory name that {RUN_NAME_RULE}")
 
 
 def _key(attr: str) -> str:

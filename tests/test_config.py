@@ -71,6 +71,7 @@ def test_local_epochs_replace_local_steps():
         ("rules=*.bias=nothing", "rules", "unknown compressor"),
         ("algorithm=sgd", "algorithm", "fedavg"),
         ("name=a/b", "name", "directory"),
+        ("name=EF-BV comp-(2,32)", "name", "letters, digits"),
         ("local-steps=0", "local-steps", "no local training"),
         ("batch-size=-2", "batch-size", "negative"),
     ],

@@ -442,3 +442,14 @@ def test_report_from_tracker_output(tmp_path):
 def test_toml_key_with_a_trailing_newline_is_quoted():
     doc = {"0\n": {}, "a\n": [], "b": 1}
     assert toml_loads(dumps_toml(doc)) == doc
+
+
+def test_a_target_accuracy_of_zero_is_no_target(tmp_path):
+    for name, summary in (("from-config", False), ("from-summary", True)):
+        t = Tracker(RunDir.create(tmp_path, name, {"name": name, "target-accuracy": 0.0}), target_accuracy=None)
+        t.record(1, clients_sampled=1, clients_ok=1, uplink_bytes=10, downlink_bytes=10, test_accuracy=0.5)
+        if summary:
+            t.finish()
+    rows = report([tmp_path / "from-config", tmp_path / "from-summary"], tmp_path / "out").rows
+    assert [r.target_accuracy for r in rows] == [None, None]
+    assert [r.mb_to_target for r in rows] == [None, None]

@@ -78,14 +78,12 @@ def _last(rows: Sequence[dict[str, Any]], key: str) -> float | None:
 def _target_of(run: Run, target: float | None) -> float | None:
     if target is not None:
         return target
-    for source in (
-        run.summary.get("target_accuracy"),
-        run.config.get("target-accuracy"),
-        run.config.get("target_accuracy"),
-    ):
+    if "target_accuracy" in run.summary:  # the run's own resolution (null: no target)
+        return _num(run.summary["target_accuracy"])
+    for source in (run.config.get("target-accuracy"), run.config.get("target_accuracy")):
         v = _num(source)
         if v is not None:
-            return v
+            return v or None  # target-accuracy = 0 disables the target
     return None
 
 

@@ -26,6 +26,12 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+#: what a run name may contain (a run directory's name)
+RUN_NAME_RULE = "starts with a letter or digit and contains only letters, digits and ._+=@-"
+
+
+def valid_run_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
 
 Exist = Literal["unique", "overwrite", "error"]
 
@@ -85,7 +91,7 @@ class RunDir:
         If that directory already holds files: exist="unique" picks name-2, name-3, ... (nothing recorded
         is ever overwritten), "overwrite" deletes its run files first, "error" raises TrackingError.
         """
-        if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        if not valid_run_name(name):
             raise TrackingError(
                 f"run name {name!r} must start with a letter or digit and contain only letters, digits and ._+=@-"
             )

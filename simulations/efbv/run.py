@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [load_run(d) for d in run_dirs]
     for run in runs:  # the legend and the table show the labels
-        config = {k: v for k, v in run.config.items() if k != "target-accuracy"}
-        # target-accuracy = 0 disables the target (summary.json records none), but the report would read
-        # the config's 0 back as a target of 0 %: leave it out of what the report sees
-        run.config = {**config, "name": LABELS.get(run.name, run.name)}
+        run.config = {**run.config, "name": LABELS.get(run.name, run.name)}
     report_dir = out / "report"
     plot_runs(runs, report_dir)
     rows = comparison_rows(runs)
