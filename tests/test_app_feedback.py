@@ -102,7 +102,6 @@ def drive(cfg, rounds: int):
     """The round loop of the ServerApp without Flower: coordinator, one LocalClient per partition."""
     coord = Coordinator(cfg)
     clients = [LocalClient(cfg, pid) for pid in range(cfg.num_clients)]
-    drive.clients = clients
     states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
     history = []
     for rnd in range(1, rounds + 1):
@@ -116,7 +115,7 @@ def drive(cfg, rounds: int):
             coord.acknowledge(pid)
         coord.apply(replies, rnd)
         history.append((chosen, outbox, before))
-    return coord, states, history
+    return coord, clients, states, history
 
 
 def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
@@ -127,7 +126,7 @@ def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
         *TASK, "cohort-size=5", "feedback=efbv(lam=0.5, nu=1.0)", "compressor=randk(k=8)", f"lr={1 / L!r}",
         "downlink=topk(k=16)", "downlink-feedback=ef21p", "rounds=12",
     ])  # fmt: skip
-    coord, states, history = drive(cfg, 12)
+    coord, clients, states, history = drive(cfg, 12)
     for rnd, ((chosen, outbox, before), after) in enumerate(
         zip(history, [h[2] for h in history[1:]] + [states], strict=True), 1
     ):
@@ -138,7 +137,7 @@ def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
         resync = [pid for pid in chosen if outbox.config[pid]["downlink-resync"]]
         assert (resync == []) == (rnd == 1)  # in round 1 every copy is w^0; later, sampled clients lagged
     # each client's last memory update waits for the server's acknowledgement (the next round it is sampled)
-    for pid, client in enumerate(drive.clients):
+    for pid, client in enumerate(clients):
         assert ("pending.round" in states[pid]) == (pid in {p for h in history for p in h[0]})
         client.settle(states[pid], coord.accepted.get(pid))
         assert not any(k.startswith("pending.") for k in states[pid])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedsqueeze import wire
 from fedsqueeze.compressors import Compressed, Compressor, Dense, build
 
 DENSE_SPEC = "identity"
@@ -181,6 +182,10 @@ class UpdatePlan:
             dense = c.to_dense() if isinstance(c, Dense) else group.compressor.decompress(c)
             pieces.append(dense.reshape(-1).to(torch.float32))
         return self.join(pieces)
+
+    def encode(self, payloads: Sequence[Compressed]) -> dict[str, bytes]:
+        """The wire bytes of each group's payload, keyed by group."""
+        return {g.key: wire.encode(c) for g, c in zip(self.groups, payloads, strict=True)}
 
     def describe(self) -> list[dict[str, object]]:
         """The groups as plain data (for logs and summaries)."""

@@ -136,8 +136,7 @@ class LocalClient:
             # leaves client and server memory in agreement
             state.update({PENDING + k: v for k, v in outgoing.new_state.items()})
             state[PENDING_ROUND] = torch.tensor(server_round, dtype=torch.int64)
-        groups = self.uplink.groups
-        payloads = {g.key: wire.encode(c) for g, c in zip(groups, compressed, strict=True)}
+        payloads = self.uplink.encode(compressed)
         return LocalResult(
             payloads=payloads,
             num_examples=out.num_examples,

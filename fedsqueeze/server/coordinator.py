@@ -105,11 +105,11 @@ class Coordinator:
         else:
             configs = {p: base for p in partition_ids}
         if self.downlink_server is None:
-            payloads = _encode(self.downlink, self.downlink.compress(self.x, gen))
+            payloads = self.downlink.encode(self.downlink.compress(self.x, gen))
             return Outbox({p: payloads for p in partition_ids}, configs)
         message = self.downlink_server.broadcast(self.x, gen)
         step = message.step
-        delta = _encode(self.downlink, message.payload)
+        delta = self.downlink.encode(message.payload)
         resync: dict[str, bytes] | None = None
         out = Outbox({}, {})
         for pid in partition_ids:
@@ -119,7 +119,7 @@ class Coordinator:
             else:
                 if resync is None:
                     dense = self.plan.downlink_dense
-                    resync = _encode(dense, dense.compress(self.downlink_server.w))
+                    resync = dense.encode(dense.compress(self.downlink_server.w))
                 out.payloads[pid] = resync
                 out.config[pid] = {**configs[pid], DOWNLINK_STEP: step, DOWNLINK_RESYNC: True}
         # a partition that does not reply may or may not have applied this broadcast: it gets w next time
@@ -209,10 +209,6 @@ class Coordinator:
         out = {"test_loss": float(loss), "test_accuracy": float(acc)}
         out.update({k: float(v) for k, v in self.task.convex_metrics(self.x).items()})
         return out
-
-
-def _encode(plan: object, compressed: Sequence[object]) -> dict[str, bytes]:
-    return {g.key: wire.encode(c) for g, c in zip(plan.groups, compressed, strict=True)}  # type: ignore[attr-defined]
 
 
 _KNOWN = {"num-examples", "train-loss", "compression-error", "partition-id"}

@@ -33,6 +33,7 @@ RUN_NAME_RULE = "starts with a letter or digit and contains only letters, digits
 def valid_run_name(name: object) -> bool:
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
 
+
 Exist = Literal["unique", "overwrite", "error"]
 
 
