@@ -36,7 +36,8 @@ from fedsqueeze import feedback
 from fedsqueeze.algorithms import Algorithm, build, derive_seed
 from fedsqueeze.algorithms._local import smoothness_estimate
 from fedsqueeze.algorithms.gradient import GradientStep
-from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
+from fedsqueeze.algorithms.updates import UpdatePlan
+from fedsqueeze.compressors import CompressorError
 from fedsqueeze.config import DOWNLINK_FEEDBACK, MODES, THEORY_LR, Config, ConfigError, build_task
 from fedsqueeze.feedback.theory import codec_constants, omega_average, theory_stepsize
 
@@ -94,10 +95,18 @@ def plan_for(cfg: Config) -> RunPlan:
 def _plan_cached(cfg: Config) -> RunPlan:
     task = build_task(cfg)
     model = task.new_model(seed=derive_seed(cfg.seed, "init"))
-    layout = layout_of(model)
-    x0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    uplink = UpdatePlan.uplink(layout, cfg)
-    downlink = UpdatePlan.downlink(layout, cfg)
+    # the communicated vector: the model's parameters, or more (lowrank share="A" adds the A factors)
+    shape = build(cfg.algorithm)
+    layout = shape.layout(model)
+    x0 = shape.initial(model)
+    try:
+        uplink = UpdatePlan.uplink(layout, cfg)
+    except CompressorError as exc:
+        raise ConfigError("compressor", cfg.compressor, str(exc)) from None
+    try:
+        downlink = UpdatePlan.downlink(layout, cfg)
+    except CompressorError as exc:
+        raise ConfigError("downlink", cfg.downlink, str(exc)) from None
     uplink_dense = uplink.dense_like()
     mechanism = None
     if cfg.feedback != "none" or cfg.mode == GRADIENT_MODE:

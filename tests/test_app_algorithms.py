@@ -5,9 +5,18 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
+from fedsqueeze import wire
+from fedsqueeze.algorithms.lowrank import LowRank
+from fedsqueeze.client.app import app as client_app
+from fedsqueeze.client.app import load_state
 from fedsqueeze.config import ConfigError, resolve
+from fedsqueeze.runplan import plan_for
 from fedsqueeze.server.coordinator import Coordinator
+from fedsqueeze.simulation.grid import run_inprocess
 from fedsqueeze.simulation.runner import simulate
 from fedsqueeze.tracking import load_run
 
@@ -65,3 +74,53 @@ def test_config_rejects_bad_algorithm_specs(spec):
         resolve(overrides=[f"algorithm={spec}"])
     assert info.value.key == "algorithm"
     assert "fedprox" in str(info.value) and "scaffnew" in str(info.value)
+
+
+class _Recording(ClientApp):
+    """The fedsqueeze ClientApp, keeping every train reply and the node's context after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies: list[tuple[Message, Context]] = []
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if message.metadata.message_type == "train":
+            self.replies.append((reply, context))
+        return reply
+
+
+@pytest.mark.parametrize("share", ["none", "A"])
+def test_lowrank_personal_factors_never_leave_the_device(tmp_path, share):
+    """Every reply of a low-rank run carries exactly the communicated vector (W, and A when shared):
+    no payload or metric holds a private factor, and the factors persist in the node's state."""
+    cfg = resolve(overrides=[*SMALL, f"out-dir={tmp_path}", f"name=lowrank-{share}", "task=digits-mlp",
+                             "num-clients=5", "partition=shards(2)", "compressor=identity", "lr=0.1",
+                             f"algorithm=lowrank(rank=2, share={share})"])  # fmt: skip
+    recording = _Recording()
+    run_inprocess("fedsqueeze.server.app:app", recording, cfg.num_clients, cfg.to_run_config(), seed=cfg.seed)
+    plan = plan_for(cfg)
+    model = plan.task.new_model()
+    d = sum(p.numel() for p in model.parameters())
+    targets = LowRank(rank=2).targets(model)
+    n_a = sum(r * cols for _, (_, cols), r in targets)
+    assert plan.uplink.numel == d + (n_a if share == "A" else 0)
+    assert len(recording.replies) == cfg.rounds * cfg.num_clients
+    private = "lowrank.B." if share == "A" else "lowrank."
+    for reply, context in recording.replies:
+        assert set(reply.content) == {"update", "metrics"}
+        assert not any("lowrank" in k for k in reply.content["metrics"])
+        payloads = {k: bytes(a.data) for k, a in reply.content["update"].items()}
+        sent = plan.uplink.decompress([wire.decode(payloads[g.key], g.numel) for g in plan.uplink.groups])
+        assert sent.numel() == plan.uplink.numel
+        state = load_state(context)
+        factors = {k: v for k, v in state.items() if k.startswith(private)}
+        assert len(factors) == len(targets) * (1 if share == "A" else 2)
+        assert not any(k.startswith("lowrank.A.") for k in state if share == "A")
+        for name, value in factors.items():
+            values = value.to(torch.float32).flatten()
+            values = values[values != 0]
+            assert values.numel() > 0, name  # trained, so the test below means something
+            assert not torch.isin(values, sent).any(), f"{name} appears in a payload"
+    rows = load_run(tmp_path / f"lowrank-{share}").rows
+    assert rows[-1]["personal_accuracy_mean"] > rows[-1]["global_accuracy_mean"]

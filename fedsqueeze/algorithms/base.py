@@ -101,6 +101,18 @@ class Algorithm(ABC):
     ) -> ClientOutput:
         """Train locally from the flat global model `x` on this client's data; may read and update `state`."""
 
+    def layout(self, model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor of the communicated vector x, in order: the model's parameters."""
+        return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+    def initial(self, model: nn.Module) -> torch.Tensor:
+        """The server's starting vector x^0, in `layout(model)` order: the model's parameters."""
+        return nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+    def global_params(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """The global model's parameters within x (what the server evaluates and saves): x itself."""
+        return x
+
     def round_config(self, server_round: int, seed: int) -> dict[str, Scalar]:
         """Per-round values sent to every sampled client (none by default)."""
         return {}

@@ -65,9 +65,7 @@ def run(
         configure(task)
     model = task.new_model(seed=derive_seed(seed, "init")).to(dtype)  # type: ignore[attr-defined]
     clients = with_dtype(task, dtype)
-    initial = getattr(algorithm, "initial", None)  # algorithms that communicate more than the model (lowrank share="A")
-    x = initial(model) if initial is not None else torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    x = x.clone()
+    x = algorithm.initial(model)
     states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
     trace = Trace(states=states)
     steps_total = 0

@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from ._local import accuracy
+from .base import Algorithm
 
 
-def client_report(algorithm: object, x: torch.Tensor, model: nn.Module, data: object, state: dict) -> dict[str, float]:
+def client_report(
+    algorithm: Algorithm, x: torch.Tensor, model: nn.Module, data: object, state: dict
+) -> dict[str, float]:
     """global_accuracy and personal_accuracy of one client on its own test split."""
     test = data.test  # type: ignore[attr-defined]
-    glob = getattr(algorithm, "global_params", None)
-    out = {"global_accuracy": accuracy(model, glob(x, model) if glob is not None else x, test)}
+    out = {"global_accuracy": accuracy(model, algorithm.global_params(x, model), test)}
     personal = getattr(algorithm, "personal_params", None)
     params = personal(x, model, data, state) if personal is not None else x
     out["personal_accuracy"] = accuracy(model, params, test)

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fedsqueeze import wire
 from fedsqueeze.compressors import Compressed, Compressor, Dense, build
@@ -66,11 +65,6 @@ class Group:
         ):
             return None
         return torch.cat([torch.arange(s.offset, s.offset + s.numel) for s in self.slots])
-
-
-def layout_of(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every parameter, in flat-vector order."""
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
 class UpdatePlan:

@@ -196,7 +196,7 @@ class Coordinator:
 
     def save_model(self, path: Path) -> None:
         """The current global model as a state_dict (written atomically)."""
-        torch.nn.utils.vector_to_parameters(self.x.clone(), self.model.parameters())
+        self._load_global()
         tmp = path.with_name(path.name + ".tmp")
         torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, tmp)
         os.replace(tmp, path)
@@ -204,11 +204,17 @@ class Coordinator:
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Global test loss and accuracy; for convex tasks subopt, grad_norm_sq, dist_sq."""
-        torch.nn.utils.vector_to_parameters(self.x.clone(), self.model.parameters())
+        w = self._load_global()
         loss, acc = self.task.evaluate(self.model)
         out = {"test_loss": float(loss), "test_accuracy": float(acc)}
-        out.update({k: float(v) for k, v in self.task.convex_metrics(self.x).items()})
+        out.update({k: float(v) for k, v in self.task.convex_metrics(w).items()})
         return out
+
+    def _load_global(self) -> torch.Tensor:
+        """Put the global model's part of x into `self.model`; returns that part."""
+        w = self.algorithm.global_params(self.x, self.model).clone()
+        torch.nn.utils.vector_to_parameters(w, self.model.parameters())
+        return w
 
 
 _KNOWN = {"num-examples", "train-loss", "compression-error", "partition-id"}

@@ -46,19 +46,6 @@ def preflight(cfg: Config) -> None:
     """Everything that can fail before a run starts: the task (data files, options), the model, the
     compression plans (rules that match no parameter, operators that reject the layout), the feedback
     mechanisms and `lr = "theory"` (compressor constants, a stepsize rule). Raises ConfigError."""
-    from fedsqueeze.algorithms.updates import UpdatePlan, layout_of
-    from fedsqueeze.compressors import CompressorError
-    from fedsqueeze.config import ConfigError, build_task
-
-    layout = layout_of(build_task(cfg).new_model())
-    try:
-        UpdatePlan.uplink(layout, cfg)
-    except CompressorError as exc:
-        raise ConfigError("compressor", cfg.compressor, str(exc)) from None
-    try:
-        UpdatePlan.downlink(layout, cfg)
-    except CompressorError as exc:
-        raise ConfigError("downlink", cfg.downlink, str(exc)) from None
     from fedsqueeze.runplan import plan_for
 
     plan_for(cfg)
