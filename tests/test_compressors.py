@@ -170,19 +170,34 @@ def test_register_a_user_compressor_by_entry_point(tmp_path, monkeypatch):
             class Doubled(Identity):
                 def compress(self, x, generator=None):
                     return super().compress(x * 2)
+
+            class Shaped(Identity):
+                needs_layout = True
+
+                def __init__(self, layout=None):
+                    self.layout = layout
             """
         )
     )
     dist = tmp_path / "mycodec-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mycodec\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[fedsqueeze.compressors]\ndoubled = mycodec:Doubled\n")
+    # a broken plug-in listed first must not hide the others, nor the built-in operators
+    (dist / "entry_points.txt").write_text(
+        "[fedsqueeze.compressors]\naaa_broken = mycodec:Missing\ndoubled = mycodec:Doubled\nshaped = mycodec:Shaped\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_LAYOUT_AWARE", set(registry._LAYOUT_AWARE))
+    monkeypatch.setattr(registry, "_BROKEN", {})
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     try:
-        assert "doubled" in available()
+        assert torch.equal(build("identity")(torch.tensor([1.5])), torch.tensor([1.5]))
+        assert {"doubled", "shaped"} <= set(available()) and "aaa_broken" not in available()
         assert torch.equal(build("doubled")(torch.tensor([1.5])), torch.tensor([3.0]))
+        assert build("shaped", layout=[(2, 3)]).layout == [(2, 3)]
+        with pytest.raises(CompressorError, match="cannot load compressor plug-in 'aaa_broken'.*Missing"):
+            build("topk(0.5) | aaa_broken")
     finally:
         sys.modules.pop("mycodec", None)
 

@@ -3,7 +3,8 @@
 A spec reads like Python calls composed left to right with `|`:
     "topk(0.01)", "randk(ratio=0.05)", "qsgd(levels=16, norm=linf)", "topk(0.01) | qsgd(levels=16)".
 Arguments are numbers, true/false, or (quoted or bare) words. Third-party operators join with
-`@register("name")` or through the `fedsqueeze.compressors` entry-point group.
+`@register("name")` or through the `fedsqueeze.compressors` entry-point group (an entry point's
+factory with a true `needs_layout` attribute gets the model layout, as `register(needs_layout=True)`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ F = TypeVar("F", bound=Factory)
 
 _REGISTRY: dict[str, Factory] = {}
 _LAYOUT_AWARE: set[str] = set()
+#: entry-point plug-ins that failed to load: name -> why (raised when a spec names them)
+_BROKEN: dict[str, str] = {}
 _entry_points_loaded = False
 
 
@@ -64,9 +67,9 @@ def _load_entry_points() -> None:
             continue
         try:
             factory = ep.load()
-        except Exception as exc:  # a broken plug-in must not hide the others
-            raise CompressorError(f"cannot load compressor plug-in {ep.name!r} ({ep.value}): {exc}") from exc
-        register(ep.name)(factory)
+            register(ep.name, needs_layout=bool(getattr(factory, "needs_layout", False)))(factory)
+        except Exception as exc:  # a broken plug-in must not hide the others: it fails when named
+            _BROKEN[ep.name] = f"cannot load compressor plug-in {ep.name!r} ({ep.value}): {type(exc).__name__}: {exc}"
 
 
 def build(spec: str, layout: Sequence[Sequence[int]] | None = None) -> Compressor:
@@ -131,6 +134,8 @@ def _instantiate(
 ) -> Compressor:
     _load_entry_points()
     factory = _REGISTRY.get(name)
+    if factory is None and name in _BROKEN:
+        raise CompressorError(f"{_BROKEN[name]}; in {spec!r}")
     if factory is None:
         raise CompressorError(f"unknown compressor {name!r} in {spec!r}; valid names: {', '.join(available())}")
     if name in _LAYOUT_AWARE:
