@@ -97,6 +97,35 @@ def test_bad_inputs_raise_clear_errors(x, message: str):
             build(spec).compress(x, torch.Generator().manual_seed(0))
 
 
+BIG = 3e38  # finite in float32, but not once scaled up or squared and summed
+
+
+@pytest.mark.parametrize(
+    "spec, x, message",
+    [
+        ("bf16", torch.tensor([3.4e38, 1.0]), "beyond 3.38953e\\+38; use fp16"),
+        ("qsgd(levels=4)", torch.tensor([BIG, BIG]), "exceeds float32's range; use norm=linf"),
+        ("randk(k=2)", torch.tensor([BIG, 1.0, 2.0]), "randk: the kept values times 1.5 exceed"),
+        ("bernoulli(0.5)", torch.full((64,), BIG), "bernoulli: the kept values times 2 exceed"),
+        ("topk(0.5) | randk(0.5)", torch.tensor([BIG, 1.0, 2.0, 3.0]), "randk: the kept values times 2 exceed"),
+        ("identity", torch.tensor([1e300, 1.0], dtype=torch.float64), "exceed float32's range"),
+        ("topk(0.5)", torch.tensor([1e300, 1.0], dtype=torch.float64), "exceed float32's range"),
+    ],
+)
+def test_finite_inputs_that_float32_payloads_cannot_carry_raise_clear_errors(spec: str, x, message: str):
+    with pytest.raises(CompressorError, match=message):
+        build(spec).compress(x, torch.Generator().manual_seed(0))
+
+
+def test_inputs_at_the_edges_of_float32_compress_to_finite_values():
+    g = torch.Generator().manual_seed(0)
+    tiny = torch.tensor([1e-300, -1e-301], dtype=torch.float64)  # below float32's smallest: zeros
+    assert torch.equal(build("fp16")(tiny, g), torch.zeros(2, dtype=torch.float64))
+    for spec in ["qsgd(levels=4, norm=linf)", "scaled_sign", "topk(0.5)", "natural", "fp16"]:
+        y = build(spec)(torch.tensor([BIG, -BIG]), g)
+        assert torch.isfinite(y).all(), spec
+
+
 def test_k_larger_than_dimension_is_an_error():
     with pytest.raises(CompressorError, match="k=20 is larger than the dimension d=10"):
         build("topk(k=20)").compress(torch.randn(10))

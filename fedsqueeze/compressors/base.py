@@ -103,6 +103,9 @@ class Selector(Compressor):
         """The most coordinates kept for dimension d (the dimension an inner compressor sees)."""
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_input(x: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
     """Reject what no compressor can take: not a tensor, not 1-D, not float, not finite.
 
@@ -121,9 +124,21 @@ def check_input(x: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
 
 
 def check_finite(lo: float, hi: float) -> None:
-    """CompressorError unless x's min and max (which NaN and inf propagate to) are finite."""
+    """CompressorError unless x's min and max (which NaN and inf propagate to) are finite and
+    within float32's range: payloads carry float32, so larger float64 values cannot be sent."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise CompressorError("input has non-finite values (NaN or inf)")
+    if max(-lo, hi) > FLOAT32_MAX:
+        raise CompressorError(f"input values up to {max(-lo, hi):.6g} exceed float32's range, which payloads carry")
+
+
+def scale_values(values: torch.Tensor, factor: float, name: str) -> torch.Tensor:
+    """values * factor, as an unbiased sparsifier scales what it keeps; CompressorError if that
+    leaves float32's range (the input's largest values times d/k or 1/p)."""
+    out = values * factor
+    if out.numel() and not bool(torch.isfinite(out.to(torch.float32)).all()):
+        raise CompressorError(f"{name}: the kept values times {factor:.6g} exceed float32's range")
+    return out
 
 
 def extremes(x: torch.Tensor) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Compressor, check_input
+from .base import Compressor, CompressorError, check_finite, check_input, extremes
 from .compressed import Dense
 from .registry import register
 
@@ -20,7 +20,13 @@ class _Cast(Compressor):
     unit_roundoff: float = 0.0
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Dense:
-        x = check_input(x)
+        x = check_input(x, finite=False)
+        if x.numel():
+            lo, hi = extremes(x)
+            check_finite(lo, hi)
+            largest = torch.finfo(self.value_dtype).max
+            if max(-lo, hi) > largest:  # bf16 rounds the top of float32's range to inf
+                raise CompressorError(f"{self.name}: |x| up to {max(-lo, hi):.6g} is beyond {largest:.6g}; use fp16")
         return Dense(x.numel(), x.dtype, x.to(self.value_dtype))
 
     def eta(self, d: int) -> float:
@@ -35,7 +41,8 @@ class _Cast(Compressor):
 
 @register("identity")
 class Identity(_Cast):
-    """Every coordinate in float32 (exact for float32 input)."""
+    """Every coordinate in float32: exact for float32 input (float64 input is rounded to float32,
+    as every payload carries it; the declared constants are those of float32 arithmetic)."""
 
     unbiased = True
 
@@ -62,6 +69,8 @@ class FP16(_Cast):
         if peak == 0.0:
             return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
         scale = float(torch.tensor(peak, dtype=torch.float32))
+        if scale == 0.0:  # float64 input below float32's smallest: every value rounds to 0
+            return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
         return Dense(x.numel(), x.dtype, (x.to(torch.float32) / scale).to(torch.float16), scale)
 
     def eta(self, d: int) -> float:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Compressor, CompressorError, check_finite, check_input, extremes
+from .base import FLOAT32_MAX, Compressor, CompressorError, check_finite, check_input, extremes
 from .compressed import NATURAL_BIAS, Natural, Quantized
 from .randomness import device_generator, numpy_rng, uniform
 from .registry import register
@@ -96,6 +96,8 @@ class QSGD(Compressor):
         d = x.numel()
         mag_dtype = torch.uint8 if self.levels < 256 else torch.int32
         peak, norm = peak_and_norm(x)
+        if self.norm == "l2" and norm > FLOAT32_MAX:
+            raise CompressorError(f"qsgd: ||x||_2 = {norm:.6g} exceeds float32's range; use norm=linf")
         scale = float(np.float32(norm if self.norm == "l2" else peak))  # >= peak: rounding is monotone
         factor = self.levels / scale if scale > 0 else 0.0
         if x.device.type == "cpu":

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .base import CompressorError, Selector
+from .base import CompressorError, Selector, scale_values
 from .compressed import shared_indices
 from .randomness import draw_seed, uniform
 from .registry import register
@@ -89,7 +89,7 @@ class RandK(_Counted):
         idx = shared_indices(seed, d, k).to(x.device)
         values = x[idx]
         if self.scaled:
-            values = values * (d / k)
+            values = scale_values(values, d / k, "randk")
         return idx, values, seed
 
     def eta(self, d: int) -> float:
@@ -122,7 +122,7 @@ class Bernoulli(Selector):
     def select(self, x, generator):
         keep = uniform(x.numel(), generator, x.device) < self.p
         idx = torch.nonzero(keep).squeeze(1)
-        return idx, x[idx] / self.p, None
+        return idx, scale_values(x[idx], 1.0 / self.p, "bernoulli"), None
 
     def max_kept(self, d: int) -> int:
         return d
