@@ -220,6 +220,27 @@ def test_slow_client_times_out(tmp_path):
     time.sleep(0.7)  # let the abandoned call end before the next test
 
 
+def test_a_node_that_misses_the_partition_query_joins_in_a_later_round(tmp_path, caplog):
+    failed_once: set[int] = set()
+
+    def query_fails_once(msg: Message, context: Context, call_next):
+        if msg.metadata.message_type == "query" and context.node_id not in failed_once:
+            failed_once.add(context.node_id)
+            if int(context.node_config["partition-id"]) == 2:
+                raise RuntimeError("not ready yet")
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[query_fails_once])
+    app.query()(client_app.query)
+    app.train()(client_app.train)
+    cfg = _cfg(tmp_path, "name=late", "rounds=3")
+    with caplog.at_level("WARNING", logger="fedsqueeze"):
+        run = _run_with(app, cfg)
+    assert [r["clients_failed"] for r in run.rows] == [1, 0, 0]
+    assert [r["clients_ok"] for r in run.rows] == [3, 4, 4]
+    assert any("partition(s) [2]" in r.getMessage() for r in caplog.records)
+
+
 def test_too_few_replies_skip_the_round(tmp_path, caplog):
     cfg = _cfg(tmp_path, "name=skip", "min-replies=4")
     with caplog.at_level("WARNING", logger="fedsqueeze"):

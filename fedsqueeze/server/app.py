@@ -41,6 +41,8 @@ MODEL_FILE = "model.pt"
 
 #: how often the server looks for nodes that have not connected yet (deployment)
 NODE_POLL_S = 1.0
+#: the least time the partition query before round 1 waits for answers
+DISCOVERY_TIMEOUT_S = 60.0
 
 #: per-client metrics that rows summarise over clients (see fedsqueeze.algorithms.personal)
 PERSONAL_METRICS = ("global_accuracy", "personal_accuracy")
@@ -78,9 +80,13 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
     status = "interrupted"
     setup_s = None
     try:
-        nodes = discover(grid, cfg)
+        nodes: dict[int, int] = {}
+        asked: set[int] = set()
+        discover(grid, cfg, nodes, asked, wait=True)
         setup_s = time.time() - started_at
         for server_round in range(1, cfg.rounds + 1):
+            if server_round > 1 and len(nodes) < cfg.num_clients:
+                discover(grid, cfg, nodes, asked)
             row = run_round(grid, cfg, coord, nodes, server_round)
             row = tracker.record(server_round, **row)
             notify("round", row)
@@ -104,23 +110,38 @@ def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dic
     return summary
 
 
-def discover(grid: Grid, cfg: Config) -> dict[int, int]:
-    """partition id -> node id for every node that answers a query (waits up to round-timeout for them all)."""
+def discover(grid: Grid, cfg: Config, nodes: dict[int, int], asked: set[int], *, wait: bool = False) -> None:
+    """Fill `nodes` (partition id -> node id) from the nodes that answer a partition query.
+
+    wait: first wait up to round-timeout for every node to connect (the call before round 1).
+    Nodes that answered once (`asked`) are not asked again; the others (silent, or an error reply),
+    and nodes that connect later, are asked before every round while a partition has no node: they
+    miss only the rounds before they answer.
+    """
     deadline = time.monotonic() + cfg.round_timeout
     node_ids = sorted(grid.get_node_ids())
-    while len(node_ids) < cfg.num_clients and time.monotonic() < deadline:
+    while wait and len(node_ids) < cfg.num_clients and time.monotonic() < deadline:
         log.info("waiting for nodes: %d of %d connected", len(node_ids), cfg.num_clients)
         time.sleep(NODE_POLL_S)
         node_ids = sorted(grid.get_node_ids())
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="discover") for n in node_ids]
-    replies = grid.send_and_receive(msgs, timeout=cfg.round_timeout)
+    msgs = [
+        Message(RecordDict(), dst_node_id=n, message_type="query", group_id="discover")
+        for n in node_ids
+        if n not in asked
+    ]
+    # before round 1 the query waits at least DISCOVERY_TIMEOUT_S: backends start clients on their
+    # first message (Ray's workers take seconds), and this is no training round to keep short
+    timeout = max(cfg.round_timeout, DISCOVERY_TIMEOUT_S) if wait else cfg.round_timeout
+    replies = grid.send_and_receive(msgs, timeout=timeout) if msgs else []
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-    nodes: dict[int, int] = {}
+    silent = set(sent.values())
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        silent.discard(node)
         if reply.has_error():
             log.warning("node %d did not answer the partition query: %s", node, reply.error.reason)
             continue
+        asked.add(node)
         try:
             pid = int(reply.content["info"]["partition-id"])
         except (KeyError, TypeError, ValueError):
@@ -132,10 +153,13 @@ def discover(grid: Grid, cfg: Config) -> dict[int, int]:
             log.warning("nodes %d and %d both hold partition %d: using %d", nodes[pid], node, pid, nodes[pid])
         else:
             nodes[pid] = node
+    if silent:
+        log.warning(
+            "node(s) %s did not answer the partition query within %g s: asked again next round", sorted(silent), timeout
+        )
     missing = sorted(set(range(cfg.num_clients)) - set(nodes))
     if missing:
-        log.warning("no node holds partition(s) %s: they count as failed whenever sampled", missing)
-    return nodes
+        log.warning("no node holds partition(s) %s yet: they count as failed when sampled", missing)
 
 
 def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int], server_round: int) -> dict[str, Any]:
