@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     _setup_logging(args.verbose)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # as `python -m` does: a user's task module in the working directory is importable
+        sys.path.insert(0, os.getcwd())
     return int(args.func(args))
 
 
@@ -114,7 +118,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple[int, Path | None]:
     """Run one config with a progress bar; (exit code, run directory)."""
-    from fedsqueeze.simulation.runner import simulate
+    from fedsqueeze.simulation.runner import FLOWER_LOG, simulate
 
     progress = _RoundProgress(console, cfg.name, cfg.rounds, quiet=quiet)
     try:
@@ -144,6 +148,8 @@ def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple
     failed = summary.get("totals", {}).get("clients_failed", 0)
     if failed:
         line += f", {failed} failed client replies"
+        if (result.run_dir / FLOWER_LOG).exists():
+            line += f" (which and why: {result.run_dir / FLOWER_LOG})"
     console.print(line, highlight=False)
     console.print(f"run directory: {result.run_dir}", highlight=False)
     return 0, result.run_dir

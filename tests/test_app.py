@@ -64,7 +64,7 @@ def test_fab_holds_the_package_and_not_tests_benchmarks_docs_or_runs():
     fab = build_fab_from_files(files)[0]
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert "fedsqueeze/client/app.py" in names and "fedsqueeze/server/app.py" in names
-    for folder in ("tests/", "benchmarks/", "docs/", "runs/", "simulations/", ".venv/"):
+    for folder in ("tests/", "benchmarks/", "docs/", "runs/", "simulations/", "scripts/", "examples/", ".venv/"):
         assert not any(n.startswith(folder) for n in names), folder
     assert len(fab) < 10 * 1024 * 1024
 

@@ -53,6 +53,8 @@ def test_ray_backend_matches_inprocess(tmp_path):
     assert ray.summary["status"] == "completed"
     assert ray.run_dir == tmp_path / "ray"
     assert [r["round"] for r in ray.rows] == [1, 2, 3]
+    # Flower's log of the run (where a failed node's warning lands) stays in the run directory
+    assert "fedsqueeze: writing the run to" in (ray.run_dir / "flower.log").read_text()
     # the same numbers, to the last bit: both backends give each client call one torch thread
     for a, b in zip(ray.rows, local.rows, strict=True):
         assert a.keys() == b.keys()

@@ -105,6 +105,10 @@ def run_inprocess(
 
 #: SuperLink start-up limit (its HTTP health endpoint must answer within this)
 SUPERLINK_START_S = 60.0
+#: how long `flwr run --stream` may go on after the summary is written (it streams the last lines)
+STREAM_GRACE_S = 5.0
+#: the Ray backend's copy of Flower's log of the run, in the run directory
+FLOWER_LOG = "flower.log"
 
 
 def app_pyproject(cfg: Config) -> str:
@@ -152,6 +156,26 @@ def _bin(name: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} not found; install flwr[simulation]")
     return found
+
+
+def _import_roots(cfg: Config) -> list[str]:
+    """The folder a user's task module ("package.module:function") is imported from in this process."""
+    import importlib.util
+
+    from fedsqueeze.config import parse_task
+
+    name, _ = parse_task(cfg.task)
+    if ":" not in name:
+        return []
+    top = name.partition(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or spec.origin is None:
+        return []
+    origin = Path(spec.origin).resolve()
+    return [str(origin.parent.parent if spec.submodule_search_locations else origin.parent)]
 
 
 def _wait_http(port: int, proc: subprocess.Popen[bytes], log_path: Path, limit: float) -> None:
@@ -307,6 +331,8 @@ def run_ray(
         "PYTHONUNBUFFERED": "1",
         # the SuperLink starts flower-superexec and flwr-simulation from PATH: use this environment's
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # a user's task module imports there as it does here
+        "PYTHONPATH": os.pathsep.join([*_import_roots(cfg), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     log_path = home / "superlink.log"
     notify = observer or (lambda event, data: None)
@@ -367,6 +393,10 @@ def run_ray(
                 summary_path = run_dir / "summary.json"
                 # the run is over when the ServerApp wrote its summary (flwr run --stream may linger)
                 if summary_path.exists() or run_proc.poll() is not None:
+                    try:  # let the stream carry the run's last log lines into the log file
+                        run_proc.wait(timeout=STREAM_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        pass
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"the Ray simulation did not finish within {timeout:.0f} s; see {run_log}")
@@ -396,5 +426,9 @@ def run_ray(
         if run_proc is not None:
             _stop(run_proc, grace=5.0)
         _stop(superlink)
+        run_log = home / "flwr-run.log"
+        if run_dir.is_dir() and run_log.exists():
+            # Flower's log of the run (the ServerApp's warnings, failed nodes with their ids) stays with it
+            shutil.copyfile(run_log, run_dir / FLOWER_LOG)
         if flwr_home is None and not keep_home:
             shutil.rmtree(home, ignore_errors=True)
