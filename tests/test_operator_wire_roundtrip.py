@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -64,3 +66,26 @@ def test_decoded_payload_of_the_wrong_size_is_refused():
     data = wire.encode(build("topk(0.1)").compress(torch.randn(100)))
     with pytest.raises(wire.PayloadError):
         wire.decode(data, 101)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", [*SPECS, "powersgd(rank=2)"])
+def test_operators_run_on_cuda_tensors(spec: str):
+    """Every operator takes a CUDA tensor and a CUDA generator: the result stays on the device, is
+    the same for the same seed, survives the wire, and (unbiased operators) averages to x."""
+    layout = [(40, 20), (200,)]
+    op = build(spec, layout=layout)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def draw(seed: int):
+        return op.compress(x, torch.Generator(device="cuda").manual_seed(seed))
+
+    c = draw(1)
+    y = op.decompress(c)
+    assert y.device.type == "cuda" and y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(op.decompress(draw(1)), y)
+    assert torch.equal(op.decompress(wire.decode(wire.encode(c), x.numel())), y.cpu())
+    if op.unbiased and not op.deterministic:
+        mean = torch.stack([op.decompress(draw(s)) for s in range(2, 2002)]).double().mean(0)
+        bound = 5 * math.sqrt((op.omega(1000) or 0.0) / 2000) * float(torch.linalg.vector_norm(x.double()))
+        assert float(torch.linalg.vector_norm(mean - x.double())) <= bound + 1e-6
