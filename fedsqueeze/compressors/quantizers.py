@@ -17,6 +17,7 @@ _CHUNK = 1 << 16
 # Largest rounding probability for which QSGD samples by skipping (geometric gaps) rather than one
 # uniform per coordinate: a geometric draw costs about 8x a uniform one.
 SKIP_SAMPLING_BELOW = 0.125
+_SKIP_BLOCK = 1 << 13
 
 
 def peak_and_norm(x: torch.Tensor) -> tuple[float, float]:
@@ -55,18 +56,24 @@ def _bernoulli_skip(
     magnitudes = np.zeros(d, dtype=np.uint8)
     if p_max <= 0.0:
         return torch.from_numpy(negative), torch.from_numpy(magnitudes)
-    found, last = [], -1
+    # a geometric gap is 1 + floor(E / lambda), E ~ Exp(1), lambda = -log(1 - p_max): P(gap > g) =
+    # (1 - p_max)^g; numpy's exponential sampler is about 3x faster than its geometric one. Blocks of
+    # _SKIP_BLOCK candidates keep every temporary small enough to be reused, not mapped afresh.
+    per_exp = -1.0 / math.log1p(-p_max)
+    threshold = p_max / factor  # keep a candidate when u < y_j / p_max, i.e. u * threshold < |x_j|
+    last = -1
     while last < d:
-        expected = (d - 1 - last) * p_max
-        gaps = rng.geometric(p_max, size=int(expected + 4.0 * math.sqrt(expected) + 16.0))
-        positions = last + np.cumsum(gaps)
-        found.append(positions[positions < d])
+        gaps = rng.standard_exponential(_SKIP_BLOCK)
+        gaps *= per_exp
+        positions = last + np.cumsum(np.floor(gaps, out=gaps).astype(np.int64) + 1)
         last = int(positions[-1])
-    candidates = np.concatenate(found)
-    y = np.abs(np.take(xs, candidates)).astype(np.float64) * factor
-    kept = candidates[rng.random(candidates.size) * p_max < y]
-    magnitudes[kept] = 1
-    negative[kept] = np.signbit(xs[kept])
+        if last >= d:
+            positions = positions[positions < d]
+        values = np.take(xs, positions)
+        keep = rng.random(positions.size) * threshold < np.abs(values)
+        kept = positions[keep]
+        magnitudes[kept] = 1
+        negative[kept] = np.signbit(values[keep])
     return torch.from_numpy(negative), torch.from_numpy(magnitudes)
 
 
