@@ -14,9 +14,10 @@ from .registry import register
 
 # Coordinates per chunk of the CPU dithering loop: a few hundred KiB, so buffers stay in cache.
 _CHUNK = 1 << 16
-# Largest rounding probability for which QSGD samples by skipping (geometric gaps) rather than one
-# uniform per coordinate: a geometric draw costs about 8x a uniform one.
+# Largest rounding probability for which QSGD draws only candidates (skip sampling) rather than one
+# uniform per coordinate: a candidate costs several times what one coordinate of the dense loop does.
 SKIP_SAMPLING_BELOW = 0.125
+# Candidates per block of the skip-sampling loop (temporaries of 64 KiB).
 _SKIP_BLOCK = 1 << 13
 
 
