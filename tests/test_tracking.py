@@ -453,3 +453,14 @@ def test_a_target_accuracy_of_zero_is_no_target(tmp_path):
     rows = report([tmp_path / "from-config", tmp_path / "from-summary"], tmp_path / "out").rows
     assert [r.target_accuracy for r in rows] == [None, None]
     assert [r.mb_to_target for r in rows] == [None, None]
+
+
+def test_summary_counts_only_the_rounds_on_disk(tmp_path):
+    """A Ctrl-C after a round entered the ledger but before its line reached metrics.jsonl."""
+    run = RunDir.create(tmp_path, "cut")
+    tracker = Tracker(run)
+    tracker.record(1, clients_sampled=1, clients_ok=1, uplink_bytes=10, downlink_bytes=10)
+    tracker.ledger.record(2, clients_sampled=1, clients_ok=1, uplink_bytes=10, downlink_bytes=10)
+    summary = tracker.finish(status="interrupted")
+    assert summary["rounds"] == 1 == len(run.read_rows())
+    assert summary["totals"]["uplink_bytes"] == 10

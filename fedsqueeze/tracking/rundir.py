@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import TrackingError
-from .ledger import Ledger
+from .ledger import Ledger, summarize
 from .toml_writer import write_toml
 
 CONFIG_FILE = "config.toml"
@@ -261,8 +261,13 @@ class Tracker:
         return self.ledger.summary(target_accuracy=self.target_accuracy, **extra)
 
     def finish(self, *, status: str = "completed", **extra: Any) -> dict[str, Any]:
-        """Write summary.json (status, final metrics, totals, bytes to target, anything extra) and return it."""
-        summary = self.summary(status=status, **extra)
-        if self.run_dir is not None:
-            self.run_dir.write_summary(summary)
+        """Write summary.json (status, final metrics, totals, bytes to target, anything extra) and return it.
+
+        The summary covers the rounds metrics.jsonl holds: a Ctrl-C between a round's ledger entry and
+        its line on disk must not leave a summary that counts a round the file lacks."""
+        if self.run_dir is None:
+            return self.summary(status=status, **extra)
+        rows = self.ledger.rows[: len(self.run_dir.read_rows())]
+        summary = summarize(rows, target_accuracy=self.target_accuracy, status=status, **extra)
+        self.run_dir.write_summary(summary)
         return summary
