@@ -109,7 +109,7 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 def check_input(x: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
     """Reject what no compressor can take: not a tensor, not 1-D, not float, not finite.
 
-    finite=False leaves the finiteness check to a caller that reduces x anyway (`check_finite`).
+    finite=False leaves the finiteness check to a caller that reduces x anyway (`checked_peak`).
     """
     if not isinstance(x, torch.Tensor):
         raise CompressorError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -139,6 +139,16 @@ def scale_values(values: torch.Tensor, factor: float, name: str) -> torch.Tensor
     if out.numel() and not bool(torch.isfinite(out.to(torch.float32)).all()):
         raise CompressorError(f"{name}: the kept values times {factor:.6g} exceed float32's range")
     return out
+
+
+def checked_peak(x: torch.Tensor) -> float:
+    """max|x| (0 for an empty x), with the finiteness check of `check_input`: for callers that
+    pass finite=False there because they need the peak anyway."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = extremes(x)
+    check_finite(lo, hi)
+    return max(-lo, hi)
 
 
 def extremes(x: torch.Tensor) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Compressor, CompressorError, check_finite, check_input, extremes
+from .base import Compressor, CompressorError, check_input, checked_peak
 from .compressed import Dense
 from .registry import register
 
@@ -21,12 +21,9 @@ class _Cast(Compressor):
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Dense:
         x = check_input(x, finite=False)
-        if x.numel():
-            lo, hi = extremes(x)
-            check_finite(lo, hi)
-            largest = torch.finfo(self.value_dtype).max
-            if max(-lo, hi) > largest:  # bf16 rounds the top of float32's range to inf
-                raise CompressorError(f"{self.name}: |x| up to {max(-lo, hi):.6g} is beyond {largest:.6g}; use fp16")
+        peak, largest = checked_peak(x), torch.finfo(self.value_dtype).max
+        if peak > largest:  # bf16 rounds the top of float32's range to inf
+            raise CompressorError(f"{self.name}: |x| up to {peak:.6g} is beyond {largest:.6g}; use fp16")
         return Dense(x.numel(), x.dtype, x.to(self.value_dtype))
 
     def eta(self, d: int) -> float:
@@ -64,12 +61,9 @@ class FP16(_Cast):
     value_dtype = torch.float16
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Dense:
-        x = check_input(x)
-        peak = float(x.abs().max()) if x.numel() else 0.0
-        if peak == 0.0:
-            return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
-        scale = float(torch.tensor(peak, dtype=torch.float32))
-        if scale == 0.0:  # float64 input below float32's smallest: every value rounds to 0
+        x = check_input(x, finite=False)
+        scale = float(torch.tensor(checked_peak(x), dtype=torch.float32))
+        if scale == 0.0:  # all zeros, or float64 input below float32's smallest: every value rounds to 0
             return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
         return Dense(x.numel(), x.dtype, (x.to(torch.float32) / scale).to(torch.float16), scale)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .base import FLOAT32_MAX, Compressor, CompressorError, check_finite, check_input, extremes
+from .base import FLOAT32_MAX, Compressor, CompressorError, check_input, checked_peak
 from .compressed import NATURAL_BIAS, Natural, Quantized
 from .randomness import device_generator, numpy_rng, uniform
 from .registry import register
@@ -25,11 +25,7 @@ def peak_and_norm(x: torch.Tensor) -> tuple[float, float]:
     """(max|x|, ||x||_2) without overflow or underflow of the squares (huge or tiny vectors).
 
     CompressorError for non-finite values: QSGD leaves that check to this reduction."""
-    if x.numel() == 0:
-        return 0.0, 0.0
-    lo, hi = extremes(x)
-    check_finite(lo, hi)
-    peak = max(-lo, hi)
+    peak = checked_peak(x)
     if peak == 0.0:
         return 0.0, 0.0
     unit = 1.0 if 1e-15 < peak < 1e15 else peak  # squares of x / unit are normal float32 numbers
