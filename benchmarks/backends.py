@@ -4,7 +4,7 @@
 
 For one config (default: the default run, digits MLP, 20 clients, full participation) it measures, in
 this order and in the same process:
-1. local compute: each round's client work called directly (LocalClient.train: decode the broadcast,
+1. local compute: each round's client work called directly (the engine's client half: decode the broadcast,
    local SGD, compress, encode), no Flower at all; the baseline;
 2. in-process backend: the same rounds through the real ServerApp/ClientApp on the in-process Grid;
 3. Ray backend: the same rounds on Flower's simulation engine (SuperLink + Ray), start-up reported apart;
@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fedsqueeze.client.local import LocalClient
+from fedsqueeze.engine import LocalTransport, Server, run_round
 from fedsqueeze.config import Config, build_task, resolve
-from fedsqueeze.server.coordinator import Coordinator
 from fedsqueeze.simulation.runner import CLIENT_THREADS, run_inprocess, run_ray
 
 
@@ -45,25 +44,26 @@ def local_compute(cfg: Config) -> list[float]:
         torch.set_num_threads(threads)
 
 
-def _local_compute(cfg: Config) -> list[float]:
-    coord = Coordinator(cfg)
-    clients = {pid: LocalClient(cfg, pid) for pid in range(cfg.num_clients)}
-    states: dict[int, dict[str, torch.Tensor]] = {pid: {} for pid in clients}
-    per_round = []
-    for rnd in range(1, cfg.rounds + 1):
-        chosen = coord.sample(range(cfg.num_clients), rnd)
-        outbox = coord.broadcast(rnd, chosen)
+class _TimedTransport(LocalTransport):
+    """The engine's local transport, timing the client calls of each round."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.per_round: list[float] = []
+
+    def exchange(self, server_round, outbox, partition_ids):
         t0 = time.perf_counter()
-        results = [clients[pid].train(outbox.payloads[pid], rnd, states[pid], outbox.config[pid]) for pid in chosen]
-        per_round.append(time.perf_counter() - t0)
-        replies = [
-            coord.decode(r.payloads, {"num-examples": r.num_examples, "train-loss": r.train_loss}, pid, pid)
-            for pid, r in zip(chosen, results, strict=True)
-        ]
-        for pid in chosen:
-            coord.acknowledge(pid)
-        coord.apply(replies, rnd)
-    return per_round
+        out = super().exchange(server_round, outbox, partition_ids)
+        self.per_round.append(time.perf_counter() - t0)
+        return out
+
+
+def _local_compute(cfg: Config) -> list[float]:
+    server = Server(cfg)
+    transport = _TimedTransport(cfg)
+    for rnd in range(1, cfg.rounds + 1):
+        run_round(server, transport, rnd)
+    return transport.per_round
 
 
 def overhead(walls: list[float], compute: list[float]) -> float:

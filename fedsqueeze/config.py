@@ -19,7 +19,6 @@ all of them together as one vector (one spec for the whole model is the default)
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import fnmatch
 import functools
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsqueeze.specs import SpecError, parse_call
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, installed with flwr
@@ -38,7 +39,7 @@ else:  # Python 3.10: the same parser, installed with flwr
 
 DENSE_SPEC = "identity"
 NO_DOWNLINK = "none"
-#: lr value asking for the stepsize of the theory (fedsqueeze.runplan)
+#: lr value asking for the stepsize of the theory (fedsqueeze.engine.plan)
 THEORY_LR = "theory"
 #: "delta": clients train locally and send model deltas; "gradient": one local gradient per round
 MODES = ("delta", "gradient")
@@ -97,7 +98,7 @@ class Config:
     local_steps: int = 10
     #: local epochs per round (> 0 replaces `local_steps`)
     local_epochs: float = 0.0
-    #: a stepsize, or "theory" (derived from the task's smoothness and the compressor; see fedsqueeze.runplan)
+    #: a stepsize, or "theory" (derived from the task's smoothness and the compressor; see fedsqueeze.engine.plan)
     lr: float | str = 0.2
     #: mini-batch size; 0 uses the client's whole training split (full-batch gradient)
     batch_size: int = 32
@@ -123,6 +124,9 @@ class Config:
     #: accuracy for "bytes to reach target" in the summary; 0 disables it
     target_accuracy: float = 0.9
     out_dir: str = "runs"
+    #: in-process simulation: keep each client's state in a file under this folder between its rounds
+    #: (as devices do with the node config's state-dir), not in memory; "" keeps it in memory
+    state_dir: str = ""
 
     # ---- derived values --------------------------------------------------------------------
     def cohort_count(self) -> int:
@@ -422,38 +426,13 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     The name is a built-in task ("digits-mlp") or a user's "package.module:function"; option values
     are numbers, true/false, quoted strings or bare words, e.g. `libsvm-logreg(path="a9a.txt", reg=0.1)`.
     """
-    text = spec.strip()
-    name, paren, rest = text.partition("(")
-    name = name.strip()
-    if not name:
-        raise ConfigError("task", spec, "no task name", _task_names())
-    if not paren:
-        return name, {}
-    if not rest.rstrip().endswith(")"):
-        raise ConfigError("task", spec, "unbalanced parentheses", 'e.g. libsvm-logreg(path="data.txt")')
     try:
-        call = ast.parse(f"f({rest}", mode="eval").body
-    except SyntaxError as exc:
-        raise ConfigError("task", spec, f"cannot read the options: {exc.msg}") from None
-    assert isinstance(call, ast.Call)
+        call = parse_call(spec, example='libsvm-logreg(path="data.txt")')
+    except SpecError as exc:
+        raise ConfigError("task", spec, str(exc), _task_names()) from None
     if call.args:
         raise ConfigError("task", spec, "task options are named: name(option=value, ...)")
-    options: dict[str, Any] = {}
-    for kw in call.keywords:
-        if kw.arg is None:
-            raise ConfigError("task", spec, "'**' is not allowed in a task spec")
-        node = kw.value
-        if isinstance(node, ast.Name):
-            value: Any = {"true": True, "false": False}.get(node.id.lower(), node.id)
-        else:
-            try:
-                value = ast.literal_eval(node)
-            except ValueError:
-                raise ConfigError("task", spec, f"option {kw.arg} is not a number, string or true/false") from None
-            if isinstance(value, list):
-                value = tuple(value)
-        options[kw.arg] = value
-    return name, options
+    return call.name, {k: tuple(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
 
 
 def format_task(name: str, options: Mapping[str, Any]) -> str:
@@ -676,6 +655,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "min-replies": _parse_int,
     "target-accuracy": _parse_float,
     "out-dir": _parse_str,
+    "state-dir": lambda k, v: _parse_str(k, v).strip(),
 }
 
 

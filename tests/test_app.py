@@ -79,12 +79,12 @@ def test_component_references_pass_flowers_static_check():
 def test_message_contract(tmp_path):
     """query answers the partition; train answers uint8 fedsqueeze/v1 payloads and the metrics."""
     from fedsqueeze.client.app import STYPE, app, payload_record
-    from fedsqueeze.server.coordinator import Coordinator
+    from fedsqueeze.engine import Server
 
     cfg = resolve(overrides=["num-clients=3", "compressor=topk(0.1)", f"out-dir={tmp_path}"])
     grid = InProcessGrid(app, 3, cfg.to_run_config())
     node = grid.node_for_partition(2)
-    coord = Coordinator(cfg)
+    coord = Server(cfg)
     with task_identity(1):
         query = Message(RecordDict(), dst_node_id=node, message_type="query")
         (info,) = grid.send_and_receive([query], timeout=60)
@@ -93,7 +93,7 @@ def test_message_contract(tmp_path):
         content = RecordDict(
             {
                 "broadcast": payload_record(coord.broadcast(1, [2]).payloads[2]),
-                "config": ConfigRecord(coord.round_config(1)),
+                "config": ConfigRecord(coord.client_config(1, 2)),
             }
         )
         (reply,) = grid.send_and_receive([Message(content, dst_node_id=node, message_type="train")], timeout=60)
@@ -103,9 +103,11 @@ def test_message_contract(tmp_path):
     assert (array.dtype, array.stype, list(array.shape)) == ("uint8", STYPE, [len(array.data)])
     metrics = reply.content["metrics"]
     assert {"num-examples", "train-loss", "compression-error", "partition-id"} <= set(metrics)
-    decoded = coord.decode({"default": bytes(array.data)}, dict(metrics), 2, node)
-    assert decoded.update.numel() == coord.uplink.numel
-    assert int((decoded.update != 0).sum()) <= int(0.1 * coord.uplink.numel) + 1
+    coord.begin()
+    coord.take({"default": bytes(array.data)}, dict(metrics), 2, node)  # a valid reply
+    update = coord.decode({"default": bytes(array.data)})
+    assert update.numel() == coord.uplink.numel
+    assert int((update != 0).sum()) <= int(0.1 * coord.uplink.numel) + 1
 
 
 def test_identity_and_averaging_equal_flowers_fedavg(tmp_path):

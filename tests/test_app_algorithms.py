@@ -14,8 +14,8 @@ from fedsqueeze.algorithms.lowrank import LowRank
 from fedsqueeze.client.app import app as client_app
 from fedsqueeze.client.app import load_state
 from fedsqueeze.config import ConfigError, resolve
-from fedsqueeze.runplan import plan_for
-from fedsqueeze.server.coordinator import Coordinator
+from fedsqueeze.engine import plan_for
+from fedsqueeze.engine import Server
 from fedsqueeze.simulation.grid import run_inprocess
 from fedsqueeze.simulation.runner import simulate
 from fedsqueeze.tracking import load_run
@@ -60,7 +60,7 @@ def test_personalised_algorithms_report_personal_metrics(tmp_path, algorithm):
 
 def test_theory_p_is_configured_from_the_task(tmp_path):
     cfg = resolve(overrides=[*SMALL, f"out-dir={tmp_path}", "task=digits-logreg", "algorithm=scaffnew(p=theory)"])
-    extra = Coordinator(cfg).round_config(1)
+    extra = Server(cfg).client_config(1, 0)
     assert 0 < extra["p"] <= 1 and extra["K"] >= 1
 
 

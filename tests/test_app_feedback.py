@@ -15,12 +15,10 @@ import tomllib
 import torch
 
 from fedsqueeze import feedback
-from fedsqueeze.client.local import LocalClient
 from fedsqueeze.compressors import build as build_compressor
 from fedsqueeze.config import ConfigError, build_task, resolve
 from fedsqueeze.feedback.theory import theory_stepsize
-from fedsqueeze.runplan import plan_for
-from fedsqueeze.server.coordinator import Coordinator
+from fedsqueeze.engine import LocalTransport, Server, plan_for, run_round
 from fedsqueeze.simulation.runner import simulate
 
 N = 20
@@ -98,24 +96,28 @@ def test_efbv_beats_ef21_on_lambda_c_at_equal_bytes(tmp_path, L):
     assert min(grad_sq(a)[-20:]) < 2e-2
 
 
-def drive(cfg, rounds: int):
-    """The round loop of the ServerApp without Flower: coordinator, one LocalClient per partition."""
-    coord = Coordinator(cfg)
-    clients = [LocalClient(cfg, pid) for pid in range(cfg.num_clients)]
-    states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
-    history = []
+class Recording(LocalTransport):
+    """The engine's local transport, keeping each round's cohort, outbox and every client's state before it."""
+
+    def __init__(self, cfg, lost=None) -> None:
+        super().__init__(cfg, lost)
+        self.num_clients = cfg.num_clients
+        self.history: list = []
+
+    def exchange(self, server_round, outbox, partition_ids):
+        states = [self.states.setdefault(pid, {}) for pid in range(self.num_clients)]
+        self.history.append((list(partition_ids), outbox, [{k: v.clone() for k, v in st.items()} for st in states]))
+        return super().exchange(server_round, outbox, partition_ids)
+
+
+def drive(cfg, rounds: int, lost=None):
+    """The engine's round loop without Flower: its server half and the local transport."""
+    coord = Server(cfg)
+    transport = Recording(cfg, lost)
     for rnd in range(1, rounds + 1):
-        chosen = coord.sample(range(cfg.num_clients), rnd)
-        before = [{k: v.clone() for k, v in s.items()} for s in states]
-        outbox = coord.broadcast(rnd, chosen)
-        replies = []
-        for pid in chosen:
-            r = clients[pid].train(outbox.payloads[pid], rnd, states[pid], outbox.config[pid])
-            replies.append(coord.decode(r.payloads, {"num-examples": r.num_examples}, pid, pid))
-            coord.acknowledge(pid)
-        coord.apply(replies, rnd)
-        history.append((chosen, outbox, before))
-    return coord, clients, states, history
+        run_round(coord, transport, rnd)
+    states = [transport.states.setdefault(pid, {}) for pid in range(cfg.num_clients)]
+    return coord, transport.client, states, transport.history
 
 
 def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
@@ -137,16 +139,16 @@ def test_state_persists_across_rounds_in_which_a_client_is_not_sampled(L):
         resync = [pid for pid in chosen if outbox.config[pid]["downlink-resync"]]
         assert (resync == []) == (rnd == 1)  # in round 1 every copy is w^0; later, sampled clients lagged
     # each client's last memory update waits for the server's acknowledgement (the next round it is sampled)
-    for pid, client in enumerate(clients):
+    for pid in range(N):
         assert ("pending.round" in states[pid]) == (pid in {p for h in history for p in h[0]})
-        client.settle(states[pid], coord.accepted.get(pid))
+        clients.settle(states[pid], coord.accepted.get(pid))
         assert not any(k.startswith("pending.") for k in states[pid])
-    shares = torch.tensor(plan_for(cfg).shares(), dtype=torch.float64)
+    shares = torch.tensor(coord.algorithm.shares(coord.task), dtype=torch.float64)
     shares /= shares.sum()
     seen = [pid for pid in range(N) if "feedback.h" in states[pid]]
     assert len(seen) > 10
     mean_h = sum(shares[pid] * states[pid]["feedback.h"].to(torch.float64) for pid in seen)
-    torch.testing.assert_close(coord.feedback.state["h"].to(torch.float64), mean_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(coord.aggregator.state["h"].to(torch.float64), mean_h, rtol=1e-5, atol=1e-6)
     last_chosen = history[-1][0]
     for pid in last_chosen:
         assert torch.equal(states[pid]["feedback.w"], coord.downlink_server.w)
@@ -231,26 +233,11 @@ def test_model_delta_mode_with_error_feedback_recovers_what_top_k_loses(tmp_path
 def test_a_reply_the_server_never_took_in_leaves_client_and_server_memory_in_agreement(L):
     """A client's EF21 memory update is committed only once the server acknowledges the reply."""
     cfg = resolve(overrides=[*TASK, "num-clients=3", "feedback=ef21", "compressor=topk(k=2)", f"lr={1 / L!r}"])
-    coord = Coordinator(cfg)
-    client = LocalClient(cfg, 0)
-    others = [LocalClient(cfg, pid) for pid in (1, 2)]
-    state: dict[str, torch.Tensor] = {}
-    other_states: list[dict[str, torch.Tensor]] = [{}, {}]
-
-    def round_(rnd: int, deliver_0: bool) -> None:
-        outbox = coord.broadcast(rnd, [0, 1, 2])
-        replies = []
-        for pid, c, s in ((0, client, state), (1, others[0], other_states[0]), (2, others[1], other_states[1])):
-            r = c.train(outbox.payloads[pid], rnd, s, outbox.config[pid])
-            if pid != 0 or deliver_0:
-                replies.append(coord.decode(r.payloads, {"num-examples": r.num_examples}, pid, pid))
-        coord.apply(replies, rnd)
-
-    round_(1, True)
-    round_(2, False)  # client 0's reply is lost: the server's g does not include it
-    round_(3, True)  # client 0 drops its round-2 update, commits round 1's, sends against that memory
-    round_(4, True)
-    for c, s in ((client, state), (others[0], other_states[0]), (others[1], other_states[1])):
-        c.settle(s, coord.accepted.get(c.partition_id))
+    # client 0's reply in round 2 is lost: the server's g does not include it; in round 3 client 0
+    # drops its round-2 update, commits round 1's and sends against that memory
+    coord, client, states, _ = drive(cfg, 4, lost=lambda rnd, pid: (rnd, pid) == (2, 0))
+    for pid, s in enumerate(states):
+        client.settle(s, coord.accepted.get(pid))
+    state, *other_states = states
     mean_g = sum(s["feedback.g"].to(torch.float64) for s in (state, *other_states)) / 3
-    torch.testing.assert_close(coord.feedback.state["g"].to(torch.float64), mean_g, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(coord.aggregator.state["g"].to(torch.float64), mean_g, rtol=1e-6, atol=1e-7)

@@ -100,9 +100,9 @@ def test_compressors_partitions_tasks(tmp_path, overrides):
 
 def test_rules_and_threshold_make_one_payload_per_group(tmp_path):
     cfg = _cfg(tmp_path, "compressor=topk(0.1)", "dense-below=100", "rules=net.3.weight=qsgd(levels=8)")
-    from fedsqueeze.client.local import client_for
+    from fedsqueeze.engine import plan_for
 
-    client = client_for(cfg, 0)
+    client = plan_for(cfg)
     keys = client.uplink.keys()
     assert keys == ["default", "dense", "tensor:net.3.weight"]
     groups = {g.key: [s.name for s in g.slots] for g in client.uplink.groups}
@@ -118,7 +118,7 @@ def test_rules_and_threshold_make_one_payload_per_group(tmp_path):
 
 def test_rule_matching_no_parameter_is_a_config_error(tmp_path):
     from fedsqueeze.config import ConfigError
-    from fedsqueeze.server.coordinator import Coordinator
+    from fedsqueeze.engine import Server as Coordinator
 
     cfg = _cfg(tmp_path, "rules=fc9.weight=topk(0.1)")
     with pytest.raises(ConfigError, match="matches no parameter") as info:
@@ -137,7 +137,7 @@ def test_same_config_same_metrics(tmp_path):
 
 def test_cohort_sampling_is_seeded_by_round(tmp_path):
     cfg = _cfg(tmp_path, "num-clients=6", "cohort-size=2", "rounds=4")
-    from fedsqueeze.server.coordinator import Coordinator
+    from fedsqueeze.engine import Server as Coordinator
 
     coord = Coordinator(cfg)
     picks = [coord.sample(range(6), r) for r in range(1, 5)]

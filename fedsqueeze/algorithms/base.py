@@ -1,23 +1,29 @@
-"""The algorithm interface: a client half (local training from the broadcast model) and a server half.
+"""The algorithm interface: a client half, a server half, and the server's decisions as hooks.
 
-One round, as the Flower apps drive it (see DESIGN.md, "One round, as data"):
+One round, as the round engine (`fedsqueeze.engine`) drives it:
 
-    client: out = algorithm.client_step(x, model, data, loss_fn, cfg, state)   # out.update = v_i
-            v_i is compressed per tensor rules (fedsqueeze.algorithms.updates) and sent
-    server: g = algorithm.aggregate(decoded v_i, weights)                          # weighted mean
-            x' = algorithm.server_step(x, g, server_round)
+    server: cohort = algorithm.select(round, population, size, generator)   # ids and p_i = P(i in S)
+            config_i = algorithm.configure(round, i, seed)                  # what each client is told
+    client: out = algorithm.client_step(x, model, data, loss_fn, cfg, state) # out.update = v_i
+            v_i is compressed per tensor rules (fedsqueeze.engine.payloads) and sent
+    server: every reply goes into the mechanism's server half (fedsqueeze.feedback; "none" is the
+            plain weighted mean) with the client's share from algorithm.shares(task), or the weight
+            the client reports (algorithm.reply_weight); that is the one aggregation path
+            x' = algorithm.server_step(x, estimate, round)
 
 Everything here is plain PyTorch: no Flower. `state` is the client's persistent memory (a dict of
 tensors the ClientApp keeps in its Context between rounds); algorithms with control variates or
-personal parameters keep them there. `round_config` lets the server half send per-round values
+personal parameters keep them there. `configure` lets the server half send per-client values
 (for example a random number of local steps) that the client half reads from `cfg.extra`.
 Algorithms register by name; `get(name)` imports `fedsqueeze.algorithms.<name>` on first use;
 `build(spec)` also takes arguments written like a call: "fedprox(mu=0.01)", "flix(alpha=[0.1, 0.5])".
+
+A cohort algorithm (several rounds per cohort) keeps the cohort it drew in `select` and returns it
+again until its inner rounds are done; `configure` tells its clients which inner round it is.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
@@ -27,19 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedsqueeze.seeding import derive_seed, generator
+from fedsqueeze.specs import SpecError, parse_call
+
 Scalar = bool | int | float | str
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from (run seed, round, client id, purpose, ...), the same on every machine."""
-    text = "\x1f".join(repr(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") >> 1
-
-
-def generator(*parts: object) -> torch.Generator:
-    """A CPU torch.Generator seeded from `derive_seed(*parts)`."""
-    return torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
+__all__ = ["derive_seed", "generator"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class LocalConfig:
     batch_size: int
     #: seed for this client and round (mini-batch order and any other local randomness)
     seed: int
-    #: per-round values from the server half's `round_config`
+    #: per-client values from the server half's `configure`
     extra: Mapping[str, Scalar] = field(default_factory=dict)
 
     def num_steps(self, num_examples: int) -> int:
@@ -66,6 +66,26 @@ class LocalConfig:
             batches_per_epoch = -(-num_examples // max(batch, 1))
             return max(1, round(self.local_epochs * batches_per_epoch))
         return self.local_steps
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The clients that take part in a round and every client's inclusion probability P(i in S)."""
+
+    ids: tuple[int, ...]
+    #: p_i for every client of the population (sampled or not); an unbiased cohort objective
+    #: weighs client i by 1 / (n p_i)
+    probabilities: Mapping[int, float]
+
+
+def uniform_cohort(population: Sequence[int], size: int, gen: torch.Generator) -> Cohort:
+    """`size` clients drawn uniformly without replacement ("nice" sampling, p_i = size / n), sorted."""
+    ids = sorted(population)
+    k = min(size, len(ids))
+    if k < len(ids):
+        ids = sorted(ids[i] for i in torch.randperm(len(ids), generator=gen)[:k].tolist())
+    p = k / max(len(population), 1)
+    return Cohort(tuple(ids), {i: p for i in population})
 
 
 @dataclass
@@ -88,6 +108,8 @@ class Algorithm(ABC):
     #: True when clients report their own weight in the average (AGGREGATION_WEIGHT); feedback
     #: mechanisms keep running means over fixed client shares and cannot be used with such algorithms
     reports_weights: bool = False
+    #: True when every client's share in the objective is the same (`shares` then is uniform)
+    uniform_shares: bool = False
 
     @abstractmethod
     def client_step(
@@ -113,17 +135,32 @@ class Algorithm(ABC):
         """The global model's parameters within x (what the server evaluates and saves): x itself."""
         return x
 
-    def round_config(self, server_round: int, seed: int) -> dict[str, Scalar]:
-        """Per-round values sent to every sampled client (none by default)."""
+    def setup(self, task: object) -> None:
+        """Read what the algorithm needs from the task before the run (e.g. p = "theory"); nothing by default."""
+
+    # ---- server-side hooks -----------------------------------------------------------------
+
+    def select(self, server_round: int, population: Sequence[int], size: int, gen: torch.Generator) -> Cohort:
+        """Who takes part this round: `size` clients uniformly at random (p_i = size / n)."""
+        return uniform_cohort(population, size, gen)
+
+    def configure(self, server_round: int, client: int, seed: int) -> dict[str, Scalar]:
+        """What sampled `client` is told this round (`seed` is the round's, the same for every client)."""
         return {}
 
-    def aggregate(self, updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        """The server's estimate from the decoded client vectors: the weighted mean (weights: examples)."""
-        total = float(sum(weights))
-        out = torch.zeros_like(updates[0], dtype=torch.float64)
-        for u, w in zip(updates, weights, strict=True):
-            out.add_(u.to(torch.float64), alpha=w / total)
-        return out.to(updates[0].dtype)
+    def shares(self, task: object) -> list[float]:
+        """Each client's share p_i of the objective and of the server's average: its example count,
+        or equal shares when `uniform_shares` is set (normalised by the server)."""
+        clients = task.clients  # type: ignore[attr-defined]
+        if self.uniform_shares:
+            return [1.0] * len(clients)
+        return [float(len(c.train.y)) for c in clients]
+
+    def reply_weight(self, metrics: Mapping[str, float]) -> float | None:
+        """The weight a reply carries this round instead of its fixed share (None: the share)."""
+        if not self.reports_weights:
+            return None
+        return float(metrics[AGGREGATION_WEIGHT]) if AGGREGATION_WEIGHT in metrics else None
 
     def server_step(self, x: torch.Tensor, estimate: torch.Tensor, server_round: int) -> torch.Tensor:
         """The new global model (model-delta algorithms: x + estimate)."""
@@ -135,7 +172,7 @@ class Algorithm(ABC):
 AGGREGATION_WEIGHT = "aggregation-weight"
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
-_HELPERS = {"base", "updates"}
+_HELPERS = {"base", "personal"}
 
 
 def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
@@ -175,34 +212,17 @@ def build(spec: str) -> Algorithm:
     Arguments are Python literals (numbers, strings, true/false, lists) or bare words (read as strings).
     ValueError names the valid algorithms, or the arguments the algorithm takes.
     """
-    import ast
     import inspect
 
     try:
-        node = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"cannot parse algorithm spec {spec!r}; write e.g. 'fedprox(mu=0.01)'") from None
-    if isinstance(node, ast.Name):
-        return get(node.id)
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-        raise ValueError(f"cannot parse algorithm spec {spec!r}; write e.g. 'fedprox(mu=0.01)'")
-
-    def literal(arg: ast.expr) -> object:
-        if isinstance(arg, ast.Name):
-            return {"true": True, "false": False, "True": True, "False": False}.get(arg.id, arg.id)
-        try:
-            return ast.literal_eval(arg)
-        except ValueError:
-            raise ValueError(f"argument {ast.unparse(arg)!r} in {spec!r} is not a literal") from None
-
-    name = node.func.id
-    get(name)  # raises with the valid names
-    cls = _REGISTRY[name]
-    args = [literal(a) for a in node.args]
-    kwargs = {kw.arg: literal(kw.value) for kw in node.keywords if kw.arg is not None}
+        call = parse_call(spec, example="fedprox(mu=0.01)")
+    except SpecError as exc:
+        raise ValueError(f"algorithm spec: {exc}") from None
+    get(call.name)  # raises with the valid names
+    cls = _REGISTRY[call.name]
     try:
-        inspect.signature(cls).bind(*args, **kwargs)
+        inspect.signature(cls).bind(*call.args, **call.kwargs)
     except TypeError as exc:
         valid = ", ".join(inspect.signature(cls).parameters) or "none"
-        raise ValueError(f"bad arguments for {name} in {spec!r}: {exc}; valid arguments: {valid}") from None
-    return cls(*args, **kwargs)
+        raise ValueError(f"bad arguments for {call.name} in {spec!r}: {exc}; valid arguments: {valid}") from None
+    return cls(*call.args, **call.kwargs)

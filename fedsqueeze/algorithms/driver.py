@@ -1,9 +1,9 @@
 """A small in-process round loop without Flower, calling the same halves the Flower apps call.
 
     x = model's initial flat parameters
-    each round: extra = algorithm.round_config(round, seed)        (server: K ~ Geometric(p), ...)
-                out_i = algorithm.client_step(x, model, data_i, loss_fn, LocalConfig(..., extra), state_i)
-                g = algorithm.aggregate(out_i.update, weights)    (weights: AGGREGATION_WEIGHT or examples)
+    each round: extra_i = algorithm.configure(round, i, seed)     (server: K ~ Geometric(p), ...)
+                out_i = algorithm.client_step(x, model, data_i, loss_fn, LocalConfig(..., extra_i), state_i)
+                g = sum_i w_i out_i.update / sum_i w_i           (w_i: algorithm.reply_weight or shares)
                 x = algorithm.server_step(x, g, round)
 
 No compression and full participation: it is the reference the tests and the convex reproductions use
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import AGGREGATION_WEIGHT, Algorithm, ClientOutput, LocalConfig, derive_seed
+from .base import Algorithm, ClientOutput, LocalConfig, derive_seed
 
 
 @dataclass
@@ -60,19 +60,19 @@ def run(
     stop: Callable[[dict[str, float]], bool] | None = None,
 ) -> Trace:
     """Run `rounds` rounds with every client; `measure` makes each round's row, `stop(row)` ends early."""
-    configure = getattr(algorithm, "configure", None)
-    if configure is not None:
-        configure(task)
+    algorithm.setup(task)
     model = task.new_model(seed=derive_seed(seed, "init")).to(dtype)  # type: ignore[attr-defined]
     clients = with_dtype(task, dtype)
     x = algorithm.initial(model)
     states: list[dict[str, torch.Tensor]] = [{} for _ in clients]
+    shares = algorithm.shares(task)
     trace = Trace(states=states)
     steps_total = 0
     for r in range(1, rounds + 1):
-        extra = algorithm.round_config(r, derive_seed(seed, r, "algorithm"))
+        round_seed = derive_seed(seed, r, "algorithm")
         outs = []
         for i, data in enumerate(clients):
+            extra = algorithm.configure(r, i, round_seed)
             cfg = LocalConfig(
                 server_round=r,
                 lr=lr,
@@ -83,8 +83,9 @@ def run(
                 extra=extra,
             )
             outs.append(algorithm.client_step(x, model, data, task.loss_fn, cfg, states[i]))  # type: ignore[attr-defined]
-        weights = [float(o.metrics.get(AGGREGATION_WEIGHT, o.num_examples)) for o in outs]
-        x = algorithm.server_step(x, algorithm.aggregate([o.update for o in outs], weights), r).detach()
+        reported = [algorithm.reply_weight(o.metrics) for o in outs]
+        weights = [share if w is None else w for w, share in zip(reported, shares, strict=True)]
+        x = algorithm.server_step(x, weighted_mean([o.update for o in outs], weights), r).detach()
         steps_total += int(extra.get("K", local_steps))
         row = {"round": float(r), "local_steps": float(steps_total)}
         if measure is not None:
@@ -94,6 +95,14 @@ def run(
             break
     trace.x = x
     return trace
+
+
+def weighted_mean(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = float(sum(weights))
+    out = torch.zeros_like(updates[0], dtype=torch.float64)
+    for u, w in zip(updates, weights, strict=True):
+        out.add_(u.to(torch.float64), alpha=w / total)
+    return out.to(updates[0].dtype)
 
 
 # ------------------------------------------------------------------ exact references (convex tasks)

@@ -27,7 +27,6 @@ from torch import nn
 from ._local import batches, cid_of, flat_grad, local_optimum, per_client, steps_of
 from .base import Algorithm, ClientOutput, LocalConfig, LossFn, register
 from .personal import client_report
-from .scaffnew import uniform_mean
 
 
 class Personalized:
@@ -71,6 +70,8 @@ class Personalized:
 class Flix(Personalized, Algorithm):
     """Local gradient steps on the FLIX objective; uniform server average of the deltas."""
 
+    uniform_shares = True
+
     def __init__(
         self, alpha: float | Sequence[float] | str = 0.5, solver_iters: int = 500, report: bool = True
     ) -> None:
@@ -100,6 +101,3 @@ class Flix(Personalized, Algorithm):
             total += loss
         loss = total / steps if steps and a > 0 else math.nan
         return ClientOutput(update=y - x, num_examples=n, train_loss=loss, metrics=metrics)
-
-    def aggregate(self, updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        return uniform_mean(updates)

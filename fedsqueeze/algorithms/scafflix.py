@@ -23,8 +23,8 @@ round in the neural-network version, p = 0.2): per-client gamma_i (default 1/L_i
 locally by power iteration on Hessian-vector products at the first model received and at x_i*, or
 given), control variates that persist in client state, and p from theory.
 
-The client's weight alpha_i^2 / gamma_i travels in its metrics under AGGREGATION_WEIGHT; `aggregate`
-is the mean weighted by it (the server must pass those weights, not example counts). A client with
+The client's weight alpha_i^2 / gamma_i travels in its metrics under AGGREGATION_WEIGHT; the server's
+mean is weighted by it (`reply_weight`) (the server must pass those weights, not example counts). A client with
 alpha_i = 0 keeps its local model and has weight 0.
 """
 
@@ -69,7 +69,7 @@ class Scafflix(Personalized, Algorithm):
         self.mu = None if mu is None else float(mu)
         self.L = None if L is None else [float(v) for v in L]
 
-    def configure(self, task: object) -> None:
+    def setup(self, task: object) -> None:
         """Read mu and the L_i from a convex task's exact objective (for p = "theory")."""
         objective = getattr(task, "objective", None)
         if objective is not None:
@@ -92,7 +92,7 @@ class Scafflix(Personalized, Algorithm):
             raise ValueError("scafflix: p = 'theory' needs mu and the L_i (give them, or a convex task)")
         return min(1.0, math.sqrt(min(gammas) * self.mu))
 
-    def round_config(self, server_round: int, seed: int) -> dict[str, bool | int | float | str]:
+    def configure(self, server_round: int, client: int, seed: int) -> dict[str, bool | int | float | str]:
         p = self.p
         return {"K": geometric(p, seed), "p": p}
 

@@ -21,7 +21,6 @@ compressed like any update (then x is the average of the decompressed deltas, wh
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,18 +29,13 @@ from ._local import batches, flat_grad, geometric, steps_of
 from .base import Algorithm, ClientOutput, LocalConfig, LossFn, register
 
 
-def uniform_mean(updates: Sequence[torch.Tensor]) -> torch.Tensor:
-    out = torch.zeros_like(updates[0], dtype=torch.float64)
-    for u in updates:
-        out.add_(u.to(torch.float64), alpha=1.0 / len(updates))
-    return out.to(updates[0].dtype)
-
-
 @register("scaffnew")
 class Scaffnew(Algorithm):
     """Scaffnew with a per-round K ~ Geometric(p) from the server and persistent control variates h_i."""
 
     H, XHAT = "scaffnew.h", "scaffnew.xhat"
+    #: the objective weighs clients equally, which keeps sum_i h_i = 0
+    uniform_shares = True
 
     def __init__(self, p: float | str = "theory", kappa: float | None = None) -> None:
         if isinstance(p, str) and p != "theory":
@@ -51,7 +45,7 @@ class Scaffnew(Algorithm):
         self.p_spec = p
         self.kappa = None if kappa is None else float(kappa)
 
-    def configure(self, task: object) -> None:
+    def setup(self, task: object) -> None:
         """Read kappa = max_i L_i / mu from a convex task's exact objective (for p = "theory")."""
         objective = getattr(task, "objective", None)
         if self.kappa is None and objective is not None:
@@ -65,7 +59,7 @@ class Scaffnew(Algorithm):
             raise ValueError("scaffnew: p = 'theory' needs kappa (give scaffnew(kappa=...) or a convex task)")
         return min(1.0, 1.0 / math.sqrt(self.kappa))
 
-    def round_config(self, server_round: int, seed: int) -> dict[str, bool | int | float | str]:
+    def configure(self, server_round: int, client: int, seed: int) -> dict[str, bool | int | float | str]:
         p = self.p
         return {"K": geometric(p, seed), "p": p}
 
@@ -97,7 +91,3 @@ class Scaffnew(Algorithm):
         state[self.H] = h
         state[self.XHAT] = y
         return ClientOutput(update=y - x, num_examples=n, train_loss=total / steps if steps else math.nan)
-
-    def aggregate(self, updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        """The uniform mean of the deltas (the objective weighs clients equally; keeps sum_i h_i = 0)."""
-        return uniform_mean(updates)

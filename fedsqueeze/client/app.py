@@ -1,20 +1,14 @@
-"""fedsqueeze's Flower ClientApp: Message in -> LocalClient -> Message out.
+"""fedsqueeze's Flower ClientApp: Message in -> the engine's client half -> Message out.
 
-Messages (the contract with `fedsqueeze.server.app`):
-
-    query   server -> client: {}                      client -> server: MetricRecord "info"
-                                                       {partition-id, num-examples}
-    train   server -> client: ArrayRecord "broadcast"  client -> server: ArrayRecord "update"
-                              ConfigRecord "config"                       MetricRecord "metrics"
-                              {server-round, ...}      {num-examples, train-loss, compression-error,
-                                                        partition-id}
-
-Every payload is `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by
-its group (see `fedsqueeze.algorithms.updates`); `len(data)` is what crossed the wire. The run
-configuration comes from `context.run_config`, the partition (and, for file-backed tasks, the
-device's own `data-path`) from `context.node_config`; the
-algorithm's persistent tensors live in `context.state["fedsqueeze.state"]` between rounds, and
-also in a file under `state-dir` when the node config sets it (`fedsqueeze.deploy.state`).
+The message schema is `fedsqueeze.engine.protocol`. Every payload is
+`Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by its group (see
+`fedsqueeze.engine.payloads`); `len(data)` is what crossed the wire. The run configuration comes
+from `context.run_config`, the partition (and, for file-backed tasks, the device's own `data-path`)
+from `context.node_config`. The client's persistent tensors live in
+`context.state["fedsqueeze.state"]` between rounds or, when the node config sets `state-dir`, only in
+a file there (`fedsqueeze.deploy.state`): memory then holds no client state between calls, which is
+how simulations of many clients with large state keep within memory, and a SuperNode restart
+loses nothing.
 """
 
 from __future__ import annotations
@@ -29,10 +23,10 @@ from flwr.clientapp import ClientApp
 
 from fedsqueeze.config import Config, with_data_path
 from fedsqueeze.deploy.state import store_for
+from fedsqueeze.engine import protocol
+from fedsqueeze.engine.client import client_half
 
-from .local import client_for
-
-STYPE = "fedsqueeze/v1"
+STYPE = protocol.STYPE
 #: node config key: where this device keeps its copy of a file-backed task's data
 DATA_PATH_KEY = "data-path"
 STATE_KEY = "fedsqueeze.state"
@@ -47,42 +41,40 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (it samples and orders clients by it)."""
-    client = client_for(_config(context), partition_id(context))
-    info = MetricRecord({"partition-id": client.partition_id, "num-examples": client.num_examples})
-    return Message(RecordDict({"info": info}), reply_to=msg)
+    pid = partition_id(context)
+    n = client_half(_config(context)).num_examples(pid)
+    info = MetricRecord({protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: n})
+    return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    client = client_for(_config(context), partition_id(context))
-    broadcast = payloads_from(msg.content["broadcast"])
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    extra = {k: v for k, v in config.items() if k != "server-round"}
+    client = client_half(_config(context))
+    pid = partition_id(context)
+    broadcast = payloads_from(msg.content[protocol.BROADCAST])
+    config = dict(msg.content[protocol.CONFIG])
+    server_round = int(config[protocol.SERVER_ROUND])
     # the digest is of the resolved config, so it does not depend on how Flower typed the values
-    store = store_for(context.node_config, context.run_id, client.cfg.to_run_config(), client.partition_id)
-    state = load_state(context)
-    if store is not None and DURABLE_KEY not in context.state and store.exists():
-        # a SuperNode restart emptied context.state: the file written after the last round is the
-        # client's state (a corrupted or foreign file raises StateError, so the reply is an error)
+    store = store_for(context.node_config, context.run_id, client.cfg.to_run_config(), pid)
+    if store is None:
+        state = load_state(context)
+    elif store.exists():
+        # the file written after this client's last round is its state (a corrupted or foreign file
+        # raises StateError, so the reply is an error); after a SuperNode restart, say so
         restored = store.load()
         state = restored.tensors
-        log.warning("restored the state of round %d from %s", restored.server_round, store.path)
-    result = client.train(broadcast, server_round, state, extra)
-    save_state(context, state)
-    if store is not None:
+        if DURABLE_KEY not in context.state:
+            log.warning("restored the state of round %d from %s", restored.server_round, store.path)
+    else:
+        state = {}
+    result = client.train(pid, broadcast, config, state)
+    if store is None:
+        save_state(context, state)
+    else:
         store.save(state, server_round)
-        context.state[DURABLE_KEY] = ConfigRecord({"server-round": server_round})
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "compression-error": result.compression_error,
-            "partition-id": client.partition_id,
-            **result.metrics,
-        }
-    )
-    content = RecordDict({"update": payload_record(result.payloads), "metrics": metrics})
+        context.state[DURABLE_KEY] = ConfigRecord({protocol.SERVER_ROUND: server_round})
+    metrics = MetricRecord(result.report(pid))
+    content = RecordDict({protocol.UPDATE: payload_record(result.payloads), protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 

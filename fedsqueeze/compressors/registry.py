@@ -9,11 +9,12 @@ factory with a true `needs_layout` attribute gets the model layout, as `register
 
 from __future__ import annotations
 
-import ast
 import inspect
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
+
+from fedsqueeze.specs import SpecError, parse_chain
 
 from .base import Compressor, CompressorError
 
@@ -90,43 +91,16 @@ def parse(spec: str) -> list[tuple[str, list[Any], dict[str, Any]]]:
     if not isinstance(spec, str) or not spec.strip():
         raise CompressorError(f"empty compressor spec {spec!r}; valid names: {', '.join(available())}")
     try:
-        tree = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError as exc:
-        raise CompressorError(f"cannot parse compressor spec {spec!r}: {exc.msg}") from None
-    stages: list[ast.expr] = []
-    while isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.BitOr):
-        stages.insert(0, tree.right)
-        tree = tree.left
-    stages.insert(0, tree)
-    return [_parse_stage(node, spec) for node in stages]
-
-
-def _parse_stage(node: ast.expr, spec: str) -> tuple[str, list[Any], dict[str, Any]]:
-    if isinstance(node, ast.Name):
-        return node.id, [], {}
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        args = [_literal(a, spec) for a in node.args]
-        kwargs = {}
-        for kw in node.keywords:
-            if kw.arg is None:
-                raise CompressorError(f"'**' is not allowed in compressor spec {spec!r}")
-            kwargs[kw.arg] = _literal(kw.value, spec)
-        return node.func.id, args, kwargs
-    raise CompressorError(f"cannot read {ast.unparse(node)!r} in compressor spec {spec!r}: expected name or name(args)")
-
-
-def _literal(node: ast.expr, spec: str) -> Any:
-    if isinstance(node, ast.Name):  # bare words: true/false or a string such as norm=l2
-        return {"true": True, "false": False, "True": True, "False": False}.get(node.id, node.id)
-    try:
-        value = ast.literal_eval(node)
-    except ValueError:
-        raise CompressorError(
-            f"argument {ast.unparse(node)!r} in {spec!r} is not a number, true/false or a word"
-        ) from None
-    if not isinstance(value, (int, float, str, bool)):
-        raise CompressorError(f"argument {ast.unparse(node)!r} in {spec!r} is not a number, true/false or a word")
-    return value
+        stages = parse_chain(spec, example="topk(0.01) | qsgd(levels=16)")
+    except SpecError as exc:
+        raise CompressorError(f"cannot parse compressor spec {spec!r}: {exc}") from None
+    out = []
+    for stage in stages:
+        for value in [*stage.args, *stage.kwargs.values()]:
+            if not isinstance(value, (int, float, str, bool)):
+                raise CompressorError(f"argument {value!r} in {spec!r} is not a number, true/false or a word")
+        out.append((stage.name, list(stage.args), dict(stage.kwargs)))
+    return out
 
 
 def _instantiate(

@@ -26,8 +26,8 @@ server steps x <- x + g.
 
 `theory` computes lambda*, nu*, r, r_av, s*, the EF-BV, EF21 and DIANA stepsizes from a compressor's
 declared (eta, omega); `run_gradient_mode` runs gradient mode on an exact objective. The Flower apps
-use these halves through `fedsqueeze.runplan` (config keys `feedback`, `downlink-feedback`, `mode`,
-`lr = "theory"`): the client half in the ClientApp, the server half in the ServerApp's coordinator.
+use these halves through `fedsqueeze.engine` (config keys `feedback`, `downlink-feedback`, `mode`,
+`lr = "theory"`): the client half in the ClientApp, the server half in the engine's server half.
 """
 
 from . import diana, ef, ef21, efbv, none  # noqa: F401  (register the built-in mechanisms)

@@ -2,7 +2,7 @@
 
 A *codec* is anything with `compress(x, generator) -> payload` and `decompress(payload) -> Tensor`:
 a `fedsqueeze.compressors.Compressor` (payload: one `Compressed`) or a per-tensor plan such as
-`fedsqueeze.algorithms.updates.UpdatePlan` (payload: a list of `Compressed`). A mechanism never
+`fedsqueeze.engine.payloads.UpdatePlan` (payload: a list of `Compressed`). A mechanism never
 looks inside a payload.
 
 Client half (runs on the node; `state` is the node's persistent dict of tensors, kept between rounds
@@ -25,6 +25,9 @@ Server half (one object per run, holding the server's running quantities in `sta
 
     server = mechanism.server(num_clients, weights=None)
     g = server.aggregate({client_id: decoded_vector, ...})
+    # or streaming, one reply at a time (memory O(d) whatever the cohort; the engine adds replies in
+    # client order, so the sums never depend on arrival order):
+    server.begin(); server.add(client_id, decoded_vector); ...; g = server.finish()
 
 `weights` are the clients' shares p_i of the objective f = sum_i p_i f_i (uniform 1/n by default;
 normalised to sum to 1 over all n clients). They are fixed for the run: the running means the
@@ -139,6 +142,20 @@ class Mechanism(ABC):
         """Update the client's memory once `out.payload` is sent (writes `out.new_state`)."""
         state.update(out.new_state)
 
+    #: True when the memory after sending is a function of the memory before and the payload sent
+    #: (`replay`): a client can then keep an unacknowledged update as its payload, not as d values
+    replayable: bool = False
+
+    def replay(self, state: Mapping[str, torch.Tensor], payload: Payload, initial: bool) -> Mapping[str, torch.Tensor]:
+        """`new_state` of the Outgoing that sent `payload` from `state` (replayable mechanisms only)."""
+        raise FeedbackError(f"{self.name} cannot rebuild its memory update from the payload alone")
+
+    def _sent(self, payload: Payload, like: torch.Tensor | None, initial: bool) -> torch.Tensor:
+        """decompress(payload) as `prepare` computed it (flat, in the memory's dtype)."""
+        dtype = torch.float32 if like is None else like.dtype
+        codec = self._dense if initial and self._dense is not None else self.codec
+        return codec.decompress(payload).to(dtype).reshape(-1)
+
     def client_step(
         self, v: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> Payload:
@@ -197,9 +214,64 @@ class ServerHalf(ABC):
         #: the running quantities (tensors only, so that a checkpoint can store them)
         self.state: dict[str, torch.Tensor] = {}
 
-    @abstractmethod
     def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """The estimate g from the decoded messages of the clients that replied this round."""
+        """The estimate g from the decoded messages of the clients that replied this round (in client order)."""
+        pairs = list(messages.items()) if isinstance(messages, Mapping) else list(messages)
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise FeedbackError(f"expected (client id, vector) pairs, got {type(pair).__name__}")
+        self.begin()
+        for cid, vec in sorted(pairs, key=lambda t: t[0] if isinstance(t[0], int) else -1):
+            self.add(cid, vec)
+        return self.finish()
+
+    def begin(self) -> None:
+        """Start a round: no message taken in yet."""
+        self._round: set[int] = set()
+        self._dim: int | None = None
+        self._share = 0.0
+        self._start()
+
+    def add(self, cid: int, vec: torch.Tensor, weight: float | None = None) -> None:
+        """Take in client `cid`'s decoded message; `weight` replaces its share p_i for this round
+        (only where the mechanism keeps no running mean over fixed shares)."""
+        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < self.num_clients:
+            raise FeedbackError(f"client id {cid!r} is outside 0..{self.num_clients - 1}")
+        if cid in self._round:
+            raise FeedbackError(f"client {cid} replied twice in one round")
+        if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
+            raise FeedbackError(f"client {cid}: expected a flat tensor, got {getattr(vec, 'shape', type(vec))}")
+        if self._dim is None:
+            self._dim = vec.numel()
+        elif vec.numel() != self._dim:
+            raise FeedbackError(f"client {cid}: vector of length {vec.numel()}, others have {self._dim}")
+        if weight is not None and not self.reweighable:
+            raise FeedbackError(f"{type(self).__name__} keeps running means over fixed shares: no per-reply weights")
+        p = float(self.p[cid]) if weight is None else float(weight)
+        self._round.add(cid)
+        self._share += p
+        self._add(cid, p, vec)
+
+    def finish(self) -> torch.Tensor:
+        """The estimate from the messages taken in since `begin`."""
+        if not self._round:
+            raise FeedbackError("no client messages to aggregate (skip the round instead)")
+        return self._finish(self._share)
+
+    #: True when `add` may give a reply a weight of its own (the cohort mean keeps nothing between rounds)
+    reweighable: bool = False
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Reset the round's sums."""
+
+    @abstractmethod
+    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+        """Add one message with its weight p to the round's sums."""
+
+    @abstractmethod
+    def _finish(self, share: float) -> torch.Tensor:
+        """The estimate (and the running quantities' update) from the round's sums; share = P_S."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.state.items()}
@@ -208,35 +280,6 @@ class ServerHalf(ABC):
         self.state = {k: v.clone() for k, v in state.items()}
 
     # ---- helpers -------------------------------------------------------------------------------
-
-    def _messages(
-        self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]
-    ) -> list[tuple[int, float, torch.Tensor]]:
-        """(client, p_i, vector) sorted by client id, checked; the sum order never depends on arrival order."""
-        pairs = list(messages.items()) if isinstance(messages, Mapping) else list(messages)
-        if not pairs:
-            raise FeedbackError("no client messages to aggregate (skip the round instead)")
-        seen: set[int] = set()
-        out = []
-        dim = None
-        for pair in pairs:
-            if not isinstance(pair, tuple) or len(pair) != 2:
-                raise FeedbackError(f"expected (client id, vector) pairs, got {type(pair).__name__}")
-            cid, vec = pair
-            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < self.num_clients:
-                raise FeedbackError(f"client id {cid!r} is outside 0..{self.num_clients - 1}")
-            if cid in seen:
-                raise FeedbackError(f"client {cid} replied twice in one round")
-            seen.add(cid)
-            if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
-                raise FeedbackError(f"client {cid}: expected a flat tensor, got {getattr(vec, 'shape', type(vec))}")
-            if dim is None:
-                dim = vec.numel()
-            elif vec.numel() != dim:
-                raise FeedbackError(f"client {cid}: vector of length {vec.numel()}, others have {dim}")
-            out.append((cid, float(self.p[cid]), vec))
-        out.sort(key=lambda t: t[0])
-        return out
 
     def _running(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """The running vector `key`, zero until a first message arrives."""
@@ -257,6 +300,20 @@ class ServerHalf(ABC):
         return seen
 
 
+class Sum:
+    """sum_i w_i v_i over one round's messages, accumulated in float64 as they come (one d-vector)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.dtype: torch.dtype = torch.float32
+
+    def add(self, vec: torch.Tensor, weight: float) -> None:
+        if self.total is None:
+            self.total = torch.zeros(vec.numel(), dtype=torch.float64)
+            self.dtype = vec.dtype
+        self.total.add_(vec, alpha=weight)  # the float64 sum takes the float32 vector without a copy
+
+
 def client_shares(num_clients: int, weights: Sequence[float] | None) -> torch.Tensor:
     """p_i as float64, summing to 1: uniform, or the given non-negative weights normalised."""
     if weights is None:
@@ -268,14 +325,6 @@ def client_shares(num_clients: int, weights: Sequence[float] | None) -> torch.Te
         raise FeedbackError("client weights must be finite, non-negative and not all zero")
     t = torch.tensor(w, dtype=torch.float64)
     return t / t.sum()
-
-
-def weighted_sum(items: Sequence[tuple[int, float, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-    """sum_i p_i v_i in float64, returned in the dtype of `like`."""
-    out = torch.zeros(like.numel(), dtype=torch.float64)
-    for _, p, vec in items:
-        out.add_(vec.to(torch.float64), alpha=p)
-    return out.to(like.dtype)
 
 
 def state_vector(state: Mapping[str, torch.Tensor], key: str, v: torch.Tensor) -> torch.Tensor | None:

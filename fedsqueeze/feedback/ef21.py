@@ -25,7 +25,7 @@ Memory: one vector of d values per client (g_i); one on the server (g).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ from .base import (
     check_vector,
     choice,
     state_vector,
-    weighted_sum,
+    Sum,
 )
 from .registry import register
 
@@ -70,6 +70,13 @@ class EF21(Mechanism):
         payload, sent = self._compress(diff, generator)
         return Outgoing(payload, sent, {ESTIMATE: g_i + sent}, source=diff)
 
+    replayable = True
+
+    def replay(self, state, payload, initial):
+        g_i = state.get(ESTIMATE)
+        sent = self._sent(payload, g_i, initial)
+        return {ESTIMATE: sent if initial or g_i is None else g_i + sent}
+
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return EF21Server(num_clients, weights)
 
@@ -77,8 +84,15 @@ class EF21(Mechanism):
 class EF21Server(ServerHalf):
     """g <- g + sum_{i in S} p_i c_i; returns g."""
 
-    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        items = self._messages(messages)
-        g = self._running("g", items[0][2])
-        g.add_(weighted_sum(items, g))
+    def _start(self) -> None:
+        self._sum = Sum()
+
+    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+        self._sum.add(vec, p)
+
+    def _finish(self, share: float) -> torch.Tensor:
+        total = self._sum.total
+        assert total is not None
+        g = self._running("g", torch.empty(total.numel(), dtype=self._sum.dtype))
+        g.add_(total.to(g.dtype))
         return g.clone()

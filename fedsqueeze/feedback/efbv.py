@@ -31,7 +31,7 @@ client (which clients have sent their first message).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,6 +43,7 @@ from .base import (
     Outgoing,
     Param,
     ServerHalf,
+    Sum,
     check_vector,
     choice,
     state_vector,
@@ -96,6 +97,15 @@ class EFBV(Mechanism):
         payload, sent = self._compress(diff, generator)
         return Outgoing(payload, sent, {SHIFT: h_i + self.lam * sent}, source=diff)
 
+    replayable = True
+
+    def replay(self, state, payload, initial):
+        h_i = state.get(SHIFT)
+        sent = self._sent(payload, h_i, initial)
+        if initial:
+            return {SHIFT: sent}
+        return {SHIFT: (torch.zeros_like(sent) if h_i is None else h_i) + self.lam * sent}
+
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return ShiftedServer(num_clients, weights, lam=self.lam, nu=self.nu, full_init=self.init == "full")
 
@@ -111,21 +121,23 @@ class ShiftedServer(ServerHalf):
         self.nu = nu
         self.full_init = full_init
 
-    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        items = self._messages(messages)
-        like = items[0][2]
-        h = self._running("h", like)
-        seen = self._seen() if self.full_init else None
-        share = sum(p for _, p, _ in items)
-        fresh = torch.zeros(like.numel(), dtype=torch.float64)  # nu-weighted part of g (times P_S)
-        shift = torch.zeros(like.numel(), dtype=torch.float64)  # increment of h
-        for cid, p, d in items:
-            first = seen is not None and not bool(seen[cid])
-            d64 = d.to(torch.float64)
-            fresh.add_(d64, alpha=p * (1.0 if first else self.nu))
-            shift.add_(d64, alpha=p * (1.0 if first else self.lam))
-            if seen is not None:
-                seen[cid] = True
+    def _start(self) -> None:
+        self._fresh = Sum()  # nu-weighted part of g (times P_S)
+        self._shift = Sum()  # increment of h
+
+    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+        first = False
+        if self.full_init:
+            seen = self._seen()
+            first = not bool(seen[cid])
+            seen[cid] = True
+        self._fresh.add(vec, p * (1.0 if first else self.nu))
+        self._shift.add(vec, p * (1.0 if first else self.lam))
+
+    def _finish(self, share: float) -> torch.Tensor:
+        fresh, shift = self._fresh.total, self._shift.total
+        assert fresh is not None and shift is not None
+        h = self._running("h", torch.empty(fresh.numel(), dtype=self._fresh.dtype))
         g = h.to(torch.float64) + fresh / share
         h.add_(shift.to(h.dtype))
-        return g.to(like.dtype)
+        return g.to(self._fresh.dtype)

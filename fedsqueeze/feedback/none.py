@@ -12,11 +12,11 @@ the motivation for the other mechanisms of this package.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .base import Mechanism, Outgoing, ServerHalf, check_vector, weighted_sum
+from .base import Mechanism, Outgoing, ServerHalf, Sum, check_vector
 from .registry import register
 
 
@@ -34,7 +34,14 @@ class NoFeedback(Mechanism):
 class CohortMean(ServerHalf):
     """g = sum_{i in S} p_i v_i / P_S; keeps nothing between rounds."""
 
-    def aggregate(self, messages: Mapping[int, torch.Tensor] | Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        items = self._messages(messages)
-        share = sum(p for _, p, _ in items)
-        return weighted_sum(items, items[0][2]) / share
+    reweighable = True
+
+    def _start(self) -> None:
+        self._sum = Sum()
+
+    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+        self._sum.add(vec, p)
+
+    def _finish(self, share: float) -> torch.Tensor:
+        assert self._sum.total is not None
+        return (self._sum.total / share).to(self._sum.dtype)

@@ -1,14 +1,8 @@
-"""fedsqueeze's Flower ServerApp: the round loop, Messages in and out, and the run directory.
+"""fedsqueeze's Flower ServerApp: the engine's round loop over a Flower Grid.
 
-Per round: sample `cohort-size` partitions (seeded by seed and round), send each the broadcast
-payloads, wait up to `round-timeout` for replies, decode each against the layout the server
-expects, aggregate the valid ones (weighted by examples or the algorithm's aggregation weight, in
-partition order), evaluate, and append a metrics row (with the clients' global and personal accuracy
-when an algorithm with personal models reports them). A reply that is an error, fails validation
-or never comes is counted in `clients_failed` and logged with its node id; the round goes on with
-the others. With fewer than `min-replies` valid replies the model is left unchanged for that
-round (logged; the row still records bytes and failures). Every row is on disk when the next round
-starts; an interrupted run writes summary.json with status "interrupted".
+`FlowerTransport` turns a round's outbox into Messages (`fedsqueeze.engine.protocol` is the schema),
+sends them with `grid.send_and_receive`, and turns the replies (or their absence) into arrivals;
+everything else (sampling, configs, decoding, aggregation, rows) is `fedsqueeze.engine`.
 
 Before the first round the server asks every node for its partition id (a `query` message), so
 that sampling and aggregation order depend on partitions, never on node ids: the same config and
@@ -17,35 +11,28 @@ seed give the same run on every backend.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.client.app import payload_record, payloads_from
-from fedsqueeze.config import RESOLVED_TABLE, Config
-from fedsqueeze.tracking import RunDir, Tracker
-
-from .coordinator import Coordinator, InvalidReply, Reply, mean, weighted_mean
+from fedsqueeze.config import Config
+from fedsqueeze.engine import protocol
+from fedsqueeze.engine.loop import MODEL_FILE, Arrival, Exchange, Observer, run
+from fedsqueeze.engine.server import Outbox
 
 log = logging.getLogger("fedsqueeze.server")
 
-#: the global model at the end of the run (a state_dict for torch.load), written next to metrics.jsonl
-MODEL_FILE = "model.pt"
+__all__ = ["MODEL_FILE", "FlowerTransport", "app", "run_server"]
 
 #: how often the server looks for nodes that have not connected yet (deployment)
 NODE_POLL_S = 1.0
 #: the least time the partition query before round 1 waits for answers
 DISCOVERY_TIMEOUT_S = 60.0
-
-#: per-client metrics that rows summarise over clients (see fedsqueeze.algorithms.personal)
-PERSONAL_METRICS = ("global_accuracy", "personal_accuracy")
 
 app = ServerApp()
 
@@ -56,58 +43,76 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, cfg, observer=getattr(grid, "observer", None))
 
 
-Observer = Callable[[str, dict[str, Any]], None]
-
-
 def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dict[str, Any]:
     """Run every round of `cfg` on `grid`; returns the summary. `observer(event, data)` sees progress."""
-    started_at = time.time()
-    coord = Coordinator(cfg)
-    # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
-    run_dir = RunDir.create(cfg.out_dir, cfg.name, {**cfg.to_run_config(), RESOLVED_TABLE: coord.plan.resolved})
-    tracker = Tracker(run_dir, convex=bool(coord.task.is_convex), target_accuracy=cfg.target_accuracy or None)
-    notify = observer or (lambda event, data: None)
-    notify("start", {"run_dir": str(run_dir.path), "rounds": cfg.rounds, "params": coord.uplink.numel})
-    # Flower's own logger: this line reaches `flwr run --stream`, whose ServerApp runs in another directory
-    logging.getLogger("flwr").info("fedsqueeze: writing the run to %s", Path(run_dir.path).resolve())
-    log.info(
-        "run %s: %d rounds, %d parameters, uplink %s",
-        run_dir.path,
-        cfg.rounds,
-        coord.uplink.numel,
-        coord.uplink.describe(),
-    )
-    status = "interrupted"
-    setup_s = None
+    return run(cfg, FlowerTransport(grid, cfg), observer)
+
+
+class FlowerTransport:
+    """A round's messages through a Flower Grid; nodes are found by asking for their partition."""
+
+    def __init__(self, grid: Grid, cfg: Config) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        #: partition id -> node id
+        self.nodes: dict[int, int] = {}
+        #: nodes that answered the partition query
+        self.asked: set[int] = set()
+
+    def prepare(self, server_round: int) -> None:
+        if server_round == 0:
+            discover(self.grid, self.cfg, self.nodes, self.asked, wait=True)
+        elif len(self.nodes) < self.cfg.num_clients:
+            discover(self.grid, self.cfg, self.nodes, self.asked)
+
+    def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
+        arrivals: list[Arrival] = []
+        msgs = []
+        for pid in partition_ids:
+            node = self.nodes.get(pid)
+            if node is None:
+                arrivals.append(Arrival(pid, -1, failure=f"partition {pid}: no node holds it"))
+                continue
+            content = RecordDict(
+                {
+                    protocol.BROADCAST: payload_record(outbox.payloads[pid]),
+                    protocol.CONFIG: ConfigRecord(outbox.config[pid]),
+                }
+            )
+            msg = Message(content, dst_node_id=node, message_type=protocol.TRAIN, group_id=str(server_round))
+            msgs.append((pid, node, msg))
+        replies = list(self.grid.send_and_receive([m for _, _, m in msgs], timeout=self.cfg.round_timeout))
+        sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
+        answered: set[str] = set()
+        for reply in replies:
+            key = reply.metadata.reply_to_message_id
+            if key not in sent or key in answered:
+                log.warning("round %d: unexpected reply from node %d ignored", server_round, reply.metadata.src_node_id)
+                continue
+            answered.add(key)
+            pid, node = sent[key]
+            arrivals.append(arrival_of(reply, pid, node))
+        for key, (pid, node) in sent.items():
+            if key not in answered:
+                why = f"node {node} (partition {pid}): no reply within round-timeout {self.cfg.round_timeout:g} s"
+                arrivals.append(Arrival(pid, node, failure=why))
+        return Exchange(arrivals, outbox.bytes_to([pid for pid, _, _ in msgs]))
+
+
+def arrival_of(reply: Message, pid: int, node: int) -> Arrival:
+    """A reply Message as the engine's Arrival (a failure for error replies and unreadable records)."""
+    who = f"node {node} (partition {pid})"
+    if reply.has_error():
+        return Arrival(pid, node, failure=f"{who}: error reply {reply.error.code}: {reply.error.reason}")
+    nbytes = 0
     try:
-        nodes: dict[int, int] = {}
-        asked: set[int] = set()
-        discover(grid, cfg, nodes, asked, wait=True)
-        setup_s = time.time() - started_at
-        for server_round in range(1, cfg.rounds + 1):
-            if server_round > 1 and len(nodes) < cfg.num_clients:
-                discover(grid, cfg, nodes, asked)
-            row = run_round(grid, cfg, coord, nodes, server_round)
-            row = tracker.record(server_round, **row)
-            notify("round", row)
-        status = "completed"
-    finally:
-        extra: dict[str, Any] = {
-            "run_dir": str(Path(run_dir.path)),
-            "task": _plain(coord.task.info),
-            # when the ServerApp started (epoch seconds) and how long model set-up and node discovery took
-            "started_at": started_at,
-            "setup_s": setup_s,
-            "resolved": coord.plan.resolved,
-        }
-        if coord.task.is_convex and coord.task.objective is not None:
-            optimum = coord.task.optimum  # computed once (cached by the task), kept with the run
-            extra["optimum"] = {"f_star": optimum.f, "grad_norm": optimum.grad_norm, "iterations": optimum.iterations}
-            (Path(run_dir.path) / "optimum.json").write_text(json.dumps(optimum.to_dict()) + "\n")
-        coord.save_model(Path(run_dir.path) / MODEL_FILE)
-        summary = tracker.finish(status=status, **extra)
-        notify("finish", summary)
-    return summary
+        record = reply.content[protocol.UPDATE]
+        nbytes = sum(len(a.data) for a in record.values())
+        payloads = payloads_from(record)
+        metrics = dict(reply.content[protocol.METRICS])
+    except (ValueError, KeyError, TypeError) as exc:
+        return Arrival(pid, node, failure=f"{who}: invalid reply: {exc}", uplink_bytes=nbytes)
+    return Arrival(pid, node, payloads, metrics, uplink_bytes=nbytes)
 
 
 def discover(grid: Grid, cfg: Config, nodes: dict[int, int], asked: set[int], *, wait: bool = False) -> None:
@@ -125,7 +130,7 @@ def discover(grid: Grid, cfg: Config, nodes: dict[int, int], asked: set[int], *,
         time.sleep(NODE_POLL_S)
         node_ids = sorted(grid.get_node_ids())
     msgs = [
-        Message(RecordDict(), dst_node_id=n, message_type="query", group_id="discover")
+        Message(RecordDict(), dst_node_id=n, message_type=protocol.QUERY, group_id="discover")
         for n in node_ids
         if n not in asked
     ]
@@ -143,7 +148,7 @@ def discover(grid: Grid, cfg: Config, nodes: dict[int, int], asked: set[int], *,
             continue
         asked.add(node)
         try:
-            pid = int(reply.content["info"]["partition-id"])
+            pid = int(reply.content[protocol.INFO][protocol.PARTITION_ID])
         except (KeyError, TypeError, ValueError):
             log.warning("node %d answered the partition query without a partition-id", node)
             continue
@@ -160,96 +165,3 @@ def discover(grid: Grid, cfg: Config, nodes: dict[int, int], asked: set[int], *,
     missing = sorted(set(range(cfg.num_clients)) - set(nodes))
     if missing:
         log.warning("no node holds partition(s) %s yet: they count as failed when sampled", missing)
-
-
-def run_round(grid: Grid, cfg: Config, coord: Coordinator, nodes: dict[int, int], server_round: int) -> dict[str, Any]:
-    """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
-    t0 = time.perf_counter()
-    chosen = coord.sample(range(cfg.num_clients), server_round)
-    outbox = coord.broadcast(server_round, chosen)
-    failures: list[str] = []
-    msgs, sent = [], {}
-    for pid in chosen:
-        node = nodes.get(pid)
-        if node is None:
-            failures.append(f"partition {pid}: no node holds it")
-            continue
-        msg = Message(
-            RecordDict({"broadcast": payload_record(outbox.payloads[pid]), "config": ConfigRecord(outbox.config[pid])}),
-            dst_node_id=node,
-            message_type="train",
-            group_id=str(server_round),
-        )
-        msgs.append((pid, node, msg))
-    replies = list(grid.send_and_receive([m for _, _, m in msgs], timeout=cfg.round_timeout))
-    sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
-    downlink_bytes = outbox.bytes_to([pid for pid, _, _ in msgs])
-
-    ok: list[Reply] = []
-    uplink_bytes = 0
-    answered: set[str] = set()
-    for reply in replies:
-        key = reply.metadata.reply_to_message_id
-        if key not in sent or key in answered:
-            log.warning("round %d: unexpected reply from node %d ignored", server_round, reply.metadata.src_node_id)
-            continue
-        answered.add(key)
-        pid, node = sent[key]
-        if reply.has_error():
-            failures.append(f"node {node} (partition {pid}): error reply {reply.error.code}: {reply.error.reason}")
-            continue
-        try:
-            record = reply.content["update"]
-            uplink_bytes += sum(len(a.data) for a in record.values())
-            decoded = coord.decode(payloads_from(record), dict(reply.content["metrics"]), pid, node)
-        except (InvalidReply, ValueError, KeyError, TypeError) as exc:
-            failures.append(f"node {node} (partition {pid}): invalid reply: {exc}")
-            continue
-        ok.append(decoded)
-        coord.acknowledge(pid)
-    for key, (pid, node) in sent.items():
-        if key not in answered:
-            failures.append(f"node {node} (partition {pid}): no reply within round-timeout {cfg.round_timeout:g} s")
-    for failure in failures:
-        log.warning("round %d: %s", server_round, failure)
-
-    applied = len(ok) >= cfg.min_replies
-    coord.apply(ok, server_round, step=applied)
-    if not applied:
-        log.warning(
-            "round %d skipped: %d valid replies, min-replies is %d; the model is unchanged",
-            server_round,
-            len(ok),
-            cfg.min_replies,
-        )
-    evaluation = coord.evaluate()
-    weights = [float(r.num_examples) for r in ok]
-    row: dict[str, Any] = {
-        "clients_sampled": len(chosen),
-        "clients_ok": len(ok),
-        "clients_failed": len(chosen) - len(ok),
-        "uplink_bytes": uplink_bytes,
-        "downlink_bytes": downlink_bytes,
-        "train_loss": weighted_mean([r.train_loss for r in ok], weights) if ok else None,
-        "compression_error": mean([r.compression_error for r in ok]) if ok else None,
-        **evaluation,
-        "wall_s": time.perf_counter() - t0,
-        "dense_uplink_bytes": 4 * coord.uplink.numel * len(ok),
-        "applied": applied,
-    }
-    # algorithms with personal models (flix, scafflix, lowrank) report each client's accuracy with the
-    # global and with its personal model: mean, std, min and max over the valid replies
-    reports = [{k: v for k, v in r.metrics.items() if k in PERSONAL_METRICS} for r in ok]
-    row.update(summarize(reports))
-    return row
-
-
-def _plain(value: Any) -> Any:
-    """Task info as JSON-friendly data."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

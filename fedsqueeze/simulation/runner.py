@@ -46,7 +46,7 @@ def preflight(cfg: Config) -> None:
     """Everything that can fail before a run starts: the task (data files, options), the model, the
     compression plans (rules that match no parameter, operators that reject the layout), the feedback
     mechanisms and `lr = "theory"` (compressor constants, a stepsize rule). Raises ConfigError."""
-    from fedsqueeze.runplan import plan_for
+    from fedsqueeze.engine.plan import plan_for
 
     plan_for(cfg)
 
@@ -85,6 +85,22 @@ def run_inprocess(
         if observer is not None:
             observer(event, data)
 
+    node_configs = None
+    if cfg.state_dir:
+        from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+
+        from fedsqueeze.deploy.state import STATE_DIR_KEY
+
+        # a folder of this run's own: in-process runs all have run id 1, and a later run must never
+        # take an earlier run's client state for its own (the files stay: each client's last state)
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        run_states = tempfile.mkdtemp(prefix="sim-", dir=cfg.state_dir)
+
+        # the nodes keep their state in files, as devices with `state-dir` in their node config do
+        node_configs = [
+            {PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: cfg.num_clients, STATE_DIR_KEY: run_states}
+            for i in range(cfg.num_clients)
+        ]
     t0 = time.perf_counter()
     grid, _ = run_apps(
         "fedsqueeze.server.app:app",
@@ -94,6 +110,7 @@ def run_inprocess(
         seed=cfg.seed,
         observer=watch,
         client_threads=client_threads,
+        node_configs=node_configs,
     )
     wall = time.perf_counter() - t0
     run_dir = Path(state["run_dir"])

@@ -20,10 +20,11 @@ example, or raises TaskError.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedsqueeze.specs import SpecError, parse_call
 
 from .errors import TaskError, choices
 
@@ -35,8 +36,6 @@ PARTITIONS: dict[str, dict[str, tuple[type, object]]] = {
     "contiguous": {},
     "natural": {},
 }
-
-_SPEC = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$")
 
 #: Dirichlet draws retried before empty clients are filled from the largest ones
 _DIRICHLET_TRIES = 100
@@ -58,10 +57,14 @@ def parse_partition(spec: str | PartitionSpec) -> PartitionSpec:
     if isinstance(spec, PartitionSpec):
         name, given = spec.name, dict(spec.params)
     else:
-        m = _SPEC.match(str(spec))
-        if not m:
-            raise TaskError(f"partition {spec!r} does not parse; write e.g. 'iid', 'dirichlet(0.3)', 'shards(2)'")
-        name, given = m.group(1).lower(), _parse_args(spec, m.group(2))
+        try:
+            call = parse_call(str(spec), example="dirichlet(0.3)")
+        except SpecError:
+            raise TaskError(f"partition {spec!r} does not parse; write e.g. 'iid', 'dirichlet(0.3)', 'shards(2)'") from None
+        for value in [*call.args, *call.kwargs.values()]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TaskError(f"partition {spec!r}: argument {value!r} is not a number")
+        name, given = call.name.lower(), {"": list(call.args), **call.kwargs}
     if name not in PARTITIONS:
         raise TaskError(f"unknown partition {name!r}; valid partitions: {choices(PARTITIONS)}")
     schema = PARTITIONS[name]
@@ -90,32 +93,6 @@ def parse_partition(spec: str | PartitionSpec) -> PartitionSpec:
             raise TaskError(f"partition {name!r}: {key} must be > 0, got {value!r}")
         params[key] = cast
     return PartitionSpec(name, params)
-
-
-def _parse_args(spec: object, text: str | None) -> dict[str, object]:
-    out: dict[str, object] = {"": []}
-    if text is None or not text.strip():
-        return out
-    for part in text.split(","):
-        key, eq, raw = part.partition("=")
-        if not eq:
-            key, raw = "", part
-        raw = raw.strip()
-        try:
-            value: object = int(raw)
-        except ValueError:
-            try:
-                value = float(raw)
-            except ValueError as exc:
-                raise TaskError(f"partition {spec!r}: argument {raw!r} is not a number") from exc
-        key = key.strip()
-        if key:
-            out[key] = value
-        else:
-            positional = out[""]
-            assert isinstance(positional, list)
-            positional.append(value)
-    return out
 
 
 def partition_indices(

@@ -202,14 +202,16 @@ def first_reaching(rows: Iterable[Mapping[str, Any]], target_accuracy: float | N
 def relative_error(original: torch.Tensor, decoded: torch.Tensor) -> float:
     """||C(v) - v||^2 / ||v||^2 for one client's vector v and its decoded compression C(v).
 
-    For v = 0 the ratio is 0 when C(v) = 0 and infinite otherwise.
+    For v = 0 the ratio is 0 when C(v) = 0 and infinite otherwise. Computed in the vectors' own
+    precision with BLAS dot products (one pass each; it is a metric, taken for every reply).
     """
-    v = original.detach().reshape(-1).double()
-    c = decoded.detach().reshape(-1).double()
+    v = original.detach().reshape(-1)
+    c = decoded.detach().reshape(-1).to(v.dtype)
     if v.shape != c.shape:
         raise TrackingError(f"compressed vector has {c.numel()} entries, the original {v.numel()}")
-    err = float((c - v).pow(2).sum())
-    norm = float(v.pow(2).sum())
+    diff = c - v
+    err = float(torch.dot(diff, diff))
+    norm = float(torch.dot(v, v))
     if norm == 0.0:
         return 0.0 if err == 0.0 else math.inf
     return err / norm

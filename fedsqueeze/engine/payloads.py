@@ -22,6 +22,7 @@ import torch
 
 from fedsqueeze import wire
 from fedsqueeze.compressors import Compressed, Compressor, Dense, build
+from fedsqueeze.config import Config
 
 DENSE_SPEC = "identity"
 DEFAULT_GROUP = "default"
@@ -95,24 +96,24 @@ class UpdatePlan:
         self._index = [g.index() for g in self.groups]
 
     @classmethod
-    def uplink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: object) -> UpdatePlan:
-        """The client->server plan of a `fedsqueeze.config.Config` (rules, dense-below, compressor)."""
+    def uplink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: Config) -> UpdatePlan:
+        """The client->server plan of a config (rules, dense-below, compressor)."""
 
-        cfg.check_rules([name for name, _ in layout])  # type: ignore[attr-defined]
+        cfg.check_rules([name for name, _ in layout])
 
         def spec_for(name: str, numel: int) -> tuple[str, str]:
-            spec, rule = cfg.spec_for(name, numel)  # type: ignore[attr-defined]
+            spec, rule = cfg.spec_for(name, numel)
             if rule is not None:
                 return spec, f"tensor:{name}"
-            return spec, (DENSE_GROUP if numel < cfg.dense_below else DEFAULT_GROUP)  # type: ignore[attr-defined]
+            return spec, (DENSE_GROUP if numel < cfg.dense_below else DEFAULT_GROUP)
 
         return cls(layout, spec_for)
 
     @classmethod
-    def downlink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: object) -> UpdatePlan:
+    def downlink(cls, layout: Sequence[tuple[str, Sequence[int]]], cfg: Config) -> UpdatePlan:
         """The server->client plan: `downlink` for every tensor (dense below `dense-below`), or exact float32."""
-        spec = cfg.downlink  # type: ignore[attr-defined]
-        dense_below = cfg.dense_below  # type: ignore[attr-defined]
+        spec = cfg.downlink
+        dense_below = cfg.dense_below
         if spec in ("none", "", None):
             return cls(layout, lambda name, numel: (DENSE_SPEC, DEFAULT_GROUP))
 

@@ -1,17 +1,17 @@
 """What both halves of a run build from its config: the task, the payload plans, the feedback
 mechanisms, the stepsize and the algorithm.
 
-The ServerApp's coordinator and every ClientApp build the same RunPlan from the same Config, so they
+The engine's server half and every client half build the same RunPlan from the same Config, so they
 agree on the payload groups, the feedback parameters derived from the compressor's constants and the
 stepsize `lr = "theory"` derives from the task's smoothness, without exchanging any of them.
 
 Modes:
 - model-delta ("delta", the default): the configured algorithm trains locally and communicates its
-  model delta (or its own quantity); the server aggregates with the algorithm's weighted mean, or with
-  the feedback mechanism's server half when `feedback` is not "none" (client shares: example counts).
-- gradient ("gradient"): each sampled client sends one local gradient at the model it holds and the
-  server steps x <- x - lr g, where g is always the mechanism's estimate (client shares uniform, so
-  that the objective is f = (1/n) sum_i f_i, the objective of the convex tasks and of the theory).
+  model delta (or its own quantity); the server's estimate is the mechanism's server half ("none":
+  the weighted mean) with the algorithm's client shares (example counts, or uniform for Scaffnew/FLIX).
+- gradient ("gradient", the registered algorithm of that name): each sampled client sends one local
+  gradient at the model it holds and the server steps x <- x - lr g (client shares uniform, so that
+  the objective is f = (1/n) sum_i f_i, the objective of the convex tasks and of the theory).
 
 `lr = "theory"` (values written under [resolved] in the run's config.toml):
 - delta mode: 1 / max_i L_i, a stable local gradient step on every client's loss;
@@ -33,13 +33,15 @@ from typing import Any
 import torch
 
 from fedsqueeze import feedback
-from fedsqueeze.algorithms import Algorithm, build, derive_seed
+from fedsqueeze.algorithms import Algorithm, build
 from fedsqueeze.algorithms._local import smoothness_estimate
 from fedsqueeze.algorithms.gradient import GradientStep
-from fedsqueeze.algorithms.updates import UpdatePlan
 from fedsqueeze.compressors import CompressorError
 from fedsqueeze.config import DOWNLINK_FEEDBACK, MODES, THEORY_LR, Config, ConfigError, build_task
 from fedsqueeze.feedback.theory import codec_constants, omega_average, theory_stepsize
+from fedsqueeze.seeding import derive_seed
+
+from .payloads import UpdatePlan
 
 DELTA_MODE, GRADIENT_MODE = MODES
 PLAIN_DOWNLINK = DOWNLINK_FEEDBACK[0]
@@ -61,29 +63,26 @@ class RunPlan:
     uplink_dense: UpdatePlan
     #: the downlink groups sent exact: the model a lagging client is resynchronised with
     downlink_dense: UpdatePlan
-    #: None: the server averages with the algorithm's weights (delta mode, feedback "none")
-    mechanism: feedback.Mechanism | None
+    #: the uplink mechanism (feedback "none": plain compression, the server half a weighted mean)
+    mechanism: feedback.Mechanism
     #: None: the broadcast is the (compressed) model itself
     downlink_feedback: feedback.Downlink | None
     lr: float
     #: values derived when the run starts (theory stepsize, constants, resolved feedback spec)
     resolved: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def stateful(self) -> bool:
+        """True when the mechanism keeps client memory (and so the acknowledgement protocol runs)."""
+        return self.mechanism.name != "none"
+
     def new_algorithm(self) -> Algorithm:
-        """A fresh algorithm instance (each client and the server keep their own)."""
+        """A fresh algorithm instance (each client worker and the server keep their own)."""
         if self.cfg.mode == GRADIENT_MODE:
             return GradientStep(self.lr)
         algorithm = build(self.cfg.algorithm)
-        configure = getattr(algorithm, "configure", None)
-        if configure is not None:
-            configure(self.task)  # e.g. p = "theory" reads the task's objective
+        algorithm.setup(self.task)  # e.g. p = "theory" reads the task's objective
         return algorithm
-
-    def shares(self) -> list[float]:
-        """The clients' fixed shares p_i in the mechanism's running means (uniform in gradient mode)."""
-        if self.cfg.mode == GRADIENT_MODE:
-            return [1.0] * self.cfg.num_clients
-        return [float(len(c.train.y)) for c in self.task.clients]
 
 
 def plan_for(cfg: Config) -> RunPlan:
@@ -108,19 +107,17 @@ def _plan_cached(cfg: Config) -> RunPlan:
     except CompressorError as exc:
         raise ConfigError("downlink", cfg.downlink, str(exc)) from None
     uplink_dense = uplink.dense_like()
-    mechanism = None
-    if cfg.feedback != "none" or cfg.mode == GRADIENT_MODE:
-        try:
-            mechanism = feedback.build(
-                cfg.feedback, uplink, dim=uplink.numel, num_clients=cfg.cohort_count(), dense=uplink_dense
-            )
-        except feedback.FeedbackError as exc:
-            raise ConfigError("feedback", cfg.feedback, str(exc), feedback.available()) from None
+    try:
+        mechanism = feedback.build(
+            cfg.feedback, uplink, dim=uplink.numel, num_clients=cfg.cohort_count(), dense=uplink_dense
+        )
+    except feedback.FeedbackError as exc:
+        raise ConfigError("feedback", cfg.feedback, str(exc), feedback.available()) from None
     down = None
     if cfg.downlink != "none" and cfg.downlink_feedback != PLAIN_DOWNLINK:
         down = feedback.Downlink(cfg.downlink_feedback, downlink)
     resolved: dict[str, Any] = {}
-    if mechanism is not None:
+    if cfg.feedback != "none" or cfg.mode == GRADIENT_MODE:
         resolved["feedback"] = mechanism.spec
     lr = cfg.lr
     if lr == THEORY_LR:
@@ -170,13 +167,12 @@ def theory_lr(
     model: torch.nn.Module,
     x0: torch.Tensor,
     uplink: UpdatePlan,
-    mechanism: feedback.Mechanism | None,
+    mechanism: feedback.Mechanism,
 ) -> dict[str, Any]:
     """{"lr": gamma, "lr-rule": ..., and every constant used}; ConfigError where no rule applies."""
     consts = smoothness(task, model, x0, cfg.seed)
     if cfg.mode == DELTA_MODE:
         return {"lr": 1.0 / consts["L-max"], "lr-rule": "1 / max_i L_i (local steps on f_i)", **consts}
-    assert mechanism is not None  # gradient mode always has one
     cohort = cfg.cohort_count()
     if mechanism.name == "none":
         try:

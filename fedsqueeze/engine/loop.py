@@ -1,0 +1,219 @@
+"""The one round loop, between a `Server` and a transport that carries a round's messages.
+
+    for round in 1..rounds:
+        transport.prepare(round)                       # deployment: find nodes that connected late
+        cohort = server.select(round)                  # the algorithm's sampling hook
+        outbox = server.broadcast(round, cohort)       # per-client config and payload bytes
+        arrivals = transport.exchange(round, outbox)   # replies (payloads, metrics) or failures
+        server.begin(); server.take(reply) for each valid reply, in partition order; server.finish
+        row = bytes, failures, losses, evaluation      # -> tracker (metrics.jsonl), observer
+
+Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
+Flower's simulation engine, a deployment); `LocalTransport` calls the client half directly, for
+library use and tests without Flower. Replies are taken in partition order whatever order they
+arrived in, so the result never depends on arrival order.
+
+A reply that is an error, fails validation or never comes is counted in `clients_failed` and logged;
+the round goes on with the others. With fewer than `min-replies` valid replies the model is left
+unchanged for that round (logged; the row still records bytes and failures). Every row is on disk
+when the next round starts; an interrupted run writes summary.json with status "interrupted".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedsqueeze.algorithms.personal import summarize
+from fedsqueeze.config import RESOLVED_TABLE, Config
+from fedsqueeze.tracking import RunDir, Tracker
+
+from .client import client_half
+from .server import InvalidReply, Outbox, Reply, Server, mean, weighted_mean
+
+log = logging.getLogger("fedsqueeze.server")
+
+#: the global model at the end of the run (a state_dict for torch.load), written next to metrics.jsonl
+MODEL_FILE = "model.pt"
+
+#: per-client metrics that rows summarise over clients (see fedsqueeze.algorithms.personal)
+PERSONAL_METRICS = ("global_accuracy", "personal_accuracy")
+
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Arrival:
+    """One sampled partition's outcome: its reply (payloads and metrics), or why there is none."""
+
+    partition_id: int
+    node_id: int
+    payloads: dict[str, bytes] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: why the reply is unusable (error reply, no reply, unreadable record); None for a reply to decode
+    failure: str | None = None
+    #: bytes of the reply's payloads as they arrived (counted even when the reply is then rejected)
+    uplink_bytes: int = 0
+
+
+@dataclass
+class Exchange:
+    arrivals: list[Arrival]
+    #: bytes of the broadcasts that were sent
+    downlink_bytes: int
+
+
+class Transport(Protocol):
+    def prepare(self, server_round: int) -> None:
+        """Before a round: e.g. ask nodes that have not answered yet which partition they hold."""
+
+    def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
+        """Send each sampled partition its broadcast and config; return what came back."""
+
+
+def run(cfg: Config, transport: Transport, observer: Observer | None = None, server: Server | None = None) -> dict[str, Any]:
+    """Run every round of `cfg` through `transport`; returns the summary. `observer(event, data)` sees progress."""
+    started_at = time.time()
+    server = server or Server(cfg)
+    # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
+    run_dir = RunDir.create(cfg.out_dir, cfg.name, {**cfg.to_run_config(), RESOLVED_TABLE: server.plan.resolved})
+    tracker = Tracker(run_dir, convex=bool(server.task.is_convex), target_accuracy=cfg.target_accuracy or None)
+    notify = observer or (lambda event, data: None)
+    notify("start", {"run_dir": str(run_dir.path), "rounds": cfg.rounds, "params": server.uplink.numel})
+    # Flower's own logger: this line reaches `flwr run --stream`, whose ServerApp runs in another directory
+    logging.getLogger("flwr").info("fedsqueeze: writing the run to %s", Path(run_dir.path).resolve())
+    log.info("run %s: %d rounds, %d parameters, uplink %s", run_dir.path, cfg.rounds, server.uplink.numel,
+             server.uplink.describe())  # fmt: skip
+    status = "interrupted"
+    setup_s = None
+    try:
+        transport.prepare(0)
+        setup_s = time.time() - started_at
+        for server_round in range(1, cfg.rounds + 1):
+            if server_round > 1:
+                transport.prepare(server_round)
+            row = run_round(server, transport, server_round)
+            row = tracker.record(server_round, **row)
+            notify("round", row)
+        status = "completed"
+    finally:
+        extra: dict[str, Any] = {
+            "run_dir": str(Path(run_dir.path)),
+            "task": _plain(server.task.info),
+            # when the run started (epoch seconds) and how long model set-up and node discovery took
+            "started_at": started_at,
+            "setup_s": setup_s,
+            "resolved": server.plan.resolved,
+        }
+        if server.task.is_convex and server.task.objective is not None:
+            optimum = server.task.optimum  # computed once (cached by the task), kept with the run
+            extra["optimum"] = {"f_star": optimum.f, "grad_norm": optimum.grad_norm, "iterations": optimum.iterations}
+            (Path(run_dir.path) / "optimum.json").write_text(json.dumps(optimum.to_dict()) + "\n")
+        server.save_model(Path(run_dir.path) / MODEL_FILE)
+        summary = tracker.finish(status=status, **extra)
+        notify("finish", summary)
+    return summary
+
+
+def run_round(server: Server, transport: Transport, server_round: int) -> dict[str, Any]:
+    """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
+    t0 = time.perf_counter()
+    cfg = server.cfg
+    chosen = server.sample(range(cfg.num_clients), server_round)
+    outbox = server.broadcast(server_round, chosen)
+    exchange = transport.exchange(server_round, outbox, chosen)
+
+    failures: list[str] = []
+    ok: list[Reply] = []
+    uplink_bytes = 0
+    server.begin()
+    for arrival in sorted(exchange.arrivals, key=lambda a: a.partition_id):
+        uplink_bytes += arrival.uplink_bytes
+        who = f"node {arrival.node_id} (partition {arrival.partition_id})"
+        if arrival.failure is not None or arrival.payloads is None:
+            failures.append(arrival.failure if arrival.failure is not None else f"{who}: no payloads")
+            continue
+        try:
+            ok.append(server.take(arrival.payloads, arrival.metrics, arrival.partition_id, arrival.node_id))
+        except (InvalidReply, ValueError, KeyError, TypeError) as exc:
+            failures.append(f"{who}: invalid reply: {exc}")
+    for failure in failures:
+        log.warning("round %d: %s", server_round, failure)
+
+    applied = len(ok) >= cfg.min_replies
+    server.finish(server_round, step=applied)
+    if not applied:
+        log.warning(
+            "round %d skipped: %d valid replies, min-replies is %d; the model is unchanged",
+            server_round,
+            len(ok),
+            cfg.min_replies,
+        )
+    evaluation = server.evaluate()
+    weights = [float(r.num_examples) for r in ok]
+    row: dict[str, Any] = {
+        "clients_sampled": len(chosen),
+        "clients_ok": len(ok),
+        "clients_failed": len(chosen) - len(ok),
+        "uplink_bytes": uplink_bytes,
+        "downlink_bytes": exchange.downlink_bytes,
+        "train_loss": weighted_mean([r.train_loss for r in ok], weights) if ok else None,
+        "compression_error": mean([r.compression_error for r in ok]) if ok else None,
+        **evaluation,
+        "wall_s": time.perf_counter() - t0,
+        "dense_uplink_bytes": 4 * server.uplink.numel * len(ok),
+        "applied": applied,
+    }
+    # algorithms with personal models (flix, scafflix, lowrank) report each client's accuracy with the
+    # global and with its personal model: mean, std, min and max over the valid replies
+    reports = [{k: v for k, v in r.metrics.items() if k in PERSONAL_METRICS} for r in ok]
+    row.update(summarize(reports))
+    return row
+
+
+class LocalTransport:
+    """Every client of a run called directly in this process, each with its own state dict (no Flower).
+
+    `states[pid]` is client pid's persistent memory; `lost` replies (partition ids, per round) are
+    computed by the client but never reach the server, as a reply lost on the network.
+    """
+
+    def __init__(self, cfg: Config, lost: Callable[[int, int], bool] | None = None) -> None:
+        self.client = client_half(cfg)
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.lost = lost or (lambda server_round, pid: False)
+        self.calls: list[tuple[int, int]] = []
+
+    def prepare(self, server_round: int) -> None:
+        pass
+
+    def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
+        arrivals = []
+        for pid in partition_ids:
+            state = self.states.setdefault(pid, {})
+            result = self.client.train(pid, outbox.payloads[pid], outbox.config[pid], state)
+            self.calls.append((server_round, pid))
+            if self.lost(server_round, pid):
+                arrivals.append(Arrival(pid, pid, failure=f"partition {pid}: reply lost"))
+                continue
+            nbytes = sum(len(b) for b in result.payloads.values())
+            arrivals.append(Arrival(pid, pid, result.payloads, result.report(pid), uplink_bytes=nbytes))
+        return Exchange(arrivals, outbox.bytes_to(partition_ids))
+
+
+def _plain(value: Any) -> Any:
+    """Task info as JSON-friendly data."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

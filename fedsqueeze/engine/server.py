@@ -1,0 +1,255 @@
+"""The server half of a round: sampling and per-client config through the algorithm's hooks, the
+broadcast, streaming decode and aggregation of the replies, the server step and evaluation.
+
+    cohort = algorithm.select(round, clients, cohort-size, generator(seed, round))   # ids, p_i
+    config_i = {server-round, **algorithm.configure(round, i, seed), protocol keys}
+    x --downlink plan--> payload bytes (the same for every client; with ef21p C(x - w), and the
+                         dense w for a client that missed broadcasts)
+    per reply, in client order: bytes --wire.decode against the expected group sizes--> v_i
+                         (or InvalidReply) --> the mechanism's server half takes it in (add)
+    estimate = server half's finish (feedback "none": the weighted mean over the cohort)
+    x' = algorithm.server_step(x, estimate)
+
+Every reply goes into the one aggregation path: the mechanism's server half, with the algorithm's
+client shares (`Algorithm.shares`), or the weight a reply reports for algorithms that report their
+own (`Algorithm.reply_weight`). Only the running sums are held: memory O(d) whatever the cohort.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedsqueeze import wire
+from fedsqueeze.algorithms import Algorithm
+from fedsqueeze.algorithms.base import Cohort
+from fedsqueeze.config import Config
+from fedsqueeze.seeding import derive_seed, generator
+
+from . import protocol
+from .plan import plan_for
+
+Scalar = bool | int | float | str
+
+
+class InvalidReply(ValueError):
+    """A client's reply that cannot be used (error reply, bad payload, bad metrics); the message says why."""
+
+
+@dataclass
+class Reply:
+    """What the server keeps of a valid reply once its vector is in the running sums."""
+
+    partition_id: int
+    node_id: int
+    num_examples: int
+    train_loss: float
+    compression_error: float
+    uplink_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outbox:
+    """A round's downlink: payloads and config per sampled partition, and the bytes they cost."""
+
+    payloads: dict[int, dict[str, bytes]]
+    config: dict[int, dict[str, Scalar]]
+
+    def bytes_to(self, partition_ids: Sequence[int]) -> int:
+        return sum(sum(len(b) for b in self.payloads[pid].values()) for pid in partition_ids)
+
+
+class Server:
+    """The global model and everything the server does with it, one round at a time."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.plan = plan_for(cfg)
+        self.task = self.plan.task
+        self.model = self.task.new_model(seed=derive_seed(cfg.seed, "init"))
+        self.layout = self.plan.layout
+        self.x = self.plan.x0.clone()
+        self.uplink = self.plan.uplink
+        self.downlink = self.plan.downlink
+        self.algorithm: Algorithm = self.plan.new_algorithm()
+        #: the one aggregation path: the mechanism's server half over the algorithm's client shares
+        self.aggregator = self.plan.mechanism.server(cfg.num_clients, self.algorithm.shares(self.task))
+        down = self.plan.downlink_feedback
+        self.downlink_server = None if down is None else down.server(self.plan.x0)
+        #: ef21p: the downlink step each partition's copy of w is known to be at (0: w^0 = x^0)
+        self.synced: dict[int, int] = {}
+        #: feedback: the last round whose reply from each partition the server half took in (sent
+        #: back as feedback-ack, so that a client commits its memory update only for replies that counted)
+        self.accepted: dict[int, int] = {}
+        self._taken: list[int] = []
+
+    # ---- sampling and per-client config -------------------------------------------------------
+    def select(self, server_round: int) -> Cohort:
+        """The algorithm's cohort for this round, drawn from a generator seeded by (seed, round)."""
+        gen = generator(self.cfg.seed, server_round, "sample")
+        cohort = self.algorithm.select(server_round, range(self.cfg.num_clients), self.cfg.cohort_count(), gen)
+        bad = [i for i in cohort.ids if not 0 <= i < self.cfg.num_clients]
+        if bad or len(set(cohort.ids)) != len(cohort.ids):
+            raise ValueError(f"{self.algorithm.name}.select returned clients {list(cohort.ids)} (0..{self.cfg.num_clients - 1}, once each)")
+        return cohort
+
+    def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
+        """The partitions that train this round (sorted)."""
+        return sorted(self.select(server_round).ids)
+
+    def client_config(self, server_round: int, partition_id: int) -> dict[str, Scalar]:
+        """What a sampled partition is told this round: the round, the algorithm's values, the protocol's."""
+        seed = derive_seed(self.cfg.seed, server_round, "algorithm")
+        config: dict[str, Scalar] = {
+            protocol.SERVER_ROUND: server_round,
+            **self.algorithm.configure(server_round, partition_id, seed),
+        }
+        if self.plan.stateful:
+            config[protocol.FEEDBACK_ACK] = self.accepted.get(partition_id, 0)
+        return config
+
+    # ---- downlink --------------------------------------------------------------------------
+    def broadcast(self, server_round: int, partition_ids: Sequence[int]) -> Outbox:
+        """What each sampled partition receives this round.
+
+        Without downlink feedback every client gets the same payloads. With ef21p the server first
+        moves w <- w + C(x - w); a client whose copy is at the previous step gets C(x - w), one that
+        missed a broadcast (not sampled, or its reply was lost) gets w itself, exact.
+        """
+        gen = generator(self.cfg.seed, server_round, "down")
+        configs = {p: self.client_config(server_round, p) for p in partition_ids}
+        if self.downlink_server is None:
+            payloads = self.downlink.encode(self.downlink.compress(self.x, gen))
+            return Outbox({p: payloads for p in partition_ids}, configs)
+        message = self.downlink_server.broadcast(self.x, gen)
+        step = message.step
+        delta = self.downlink.encode(message.payload)
+        resync: dict[str, bytes] | None = None
+        out = Outbox({}, {})
+        for pid in partition_ids:
+            if self.synced.get(pid, 0) == step - 1:
+                out.payloads[pid] = delta
+                out.config[pid] = {**configs[pid], protocol.DOWNLINK_STEP: step, protocol.DOWNLINK_RESYNC: False}
+            else:
+                if resync is None:
+                    dense = self.plan.downlink_dense
+                    resync = dense.encode(dense.compress(self.downlink_server.w))
+                out.payloads[pid] = resync
+                out.config[pid] = {**configs[pid], protocol.DOWNLINK_STEP: step, protocol.DOWNLINK_RESYNC: True}
+        # a partition that does not reply may or may not have applied this broadcast: it gets w next time
+        for pid in partition_ids:
+            self.synced.pop(pid, None)
+        return out
+
+    # ---- uplink: one reply at a time --------------------------------------------------------
+    def begin(self) -> None:
+        """Start taking in a round's replies (call `take` for each, in partition order, then `finish`)."""
+        self.aggregator.begin()
+        self._taken = []
+
+    def take(
+        self, payloads: Mapping[str, bytes], metrics: Mapping[str, object], partition_id: int, node_id: int
+    ) -> Reply:
+        """Validate and decode one reply and add it to the round's sums; InvalidReply if it fails."""
+        if partition_id in self._taken:
+            raise InvalidReply(f"partition {partition_id} already replied this round")
+        n = metrics.get(protocol.NUM_EXAMPLES)
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise InvalidReply(f"{protocol.NUM_EXAMPLES} must be a positive number, got {n!r}")
+        extra = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in protocol.REPORTED}
+        update = self.decode(payloads)
+        weight = self.algorithm.reply_weight(extra)
+        if weight is not None and (not math.isfinite(weight) or weight < 0):
+            raise InvalidReply(f"aggregation weight must be a finite non-negative number, got {weight!r}")
+        self.aggregator.add(partition_id, update, weight)
+        self._taken.append(partition_id)
+        if self.downlink_server is not None:  # the partition applied this round's broadcast
+            self.synced[partition_id] = self.downlink_server.step
+        return Reply(
+            partition_id=partition_id,
+            node_id=node_id,
+            num_examples=int(n),
+            train_loss=_number(metrics.get(protocol.TRAIN_LOSS)),
+            compression_error=_number(metrics.get(protocol.COMPRESSION_ERROR)),
+            uplink_bytes=sum(len(b) for b in payloads.values()),
+            metrics=extra,
+        )
+
+    def decode(self, payloads: Mapping[str, bytes]) -> torch.Tensor:
+        """The vector a reply's payloads stand for, checked against the layout the server expects."""
+        keys = [g.key for g in self.uplink.groups]
+        if sorted(payloads) != sorted(keys):
+            raise InvalidReply(f"payload groups {sorted(payloads)} differ from the expected {sorted(keys)}")
+        try:
+            compressed = [wire.decode(payloads[g.key], g.numel) for g in self.uplink.groups]
+        except wire.PayloadError as exc:
+            raise InvalidReply(f"payload rejected: {exc}") from None
+        try:
+            update = self.uplink.decompress(compressed)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidReply(f"payload does not fit the model: {exc}") from None
+        # one BLAS pass: NaN and inf propagate into ||v||^2, and so does a norm beyond float32's range
+        if not math.isfinite(float(torch.dot(update, update))):
+            raise InvalidReply("update has non-finite values (or a norm beyond float32's range)")
+        return update
+
+    def finish(self, server_round: int, *, step: bool = True) -> None:
+        """Form the estimate from the replies taken in and step the model.
+
+        step=False (a round with too few replies): the model stays, but a feedback mechanism's running
+        quantities still take the replies in, since those clients have already updated their memory.
+        """
+        if not self._taken:
+            return
+        if not step and not self.plan.stateful:
+            return
+        estimate = self.aggregator.finish()
+        if self.plan.stateful:
+            self.accepted.update({pid: server_round for pid in self._taken})
+        if step:
+            self.x = self.algorithm.server_step(self.x, estimate, server_round).detach()
+
+    def save_model(self, path: Path) -> None:
+        """The current global model as a state_dict (written atomically)."""
+        self._load_global()
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Global test loss and accuracy; for convex tasks subopt, grad_norm_sq, dist_sq."""
+        w = self._load_global()
+        loss, acc = self.task.evaluate(self.model)
+        out = {"test_loss": float(loss), "test_accuracy": float(acc)}
+        out.update({k: float(v) for k, v in self.task.convex_metrics(w).items()})
+        return out
+
+    def _load_global(self) -> torch.Tensor:
+        """Put the global model's part of x into `self.model`; returns that part."""
+        w = self.algorithm.global_params(self.x, self.model).clone()
+        torch.nn.utils.vector_to_parameters(w, self.model.parameters())
+        return w
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if math.isfinite(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+
+
+def mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan

@@ -1,0 +1,168 @@
+"""The round engine's hooks: sampling with declared inclusion probabilities, per-client config, one
+aggregation path with the algorithm's weights (feedback on or off), per-client state at scale, and
+client state on disk in simulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsqueeze.algorithms import LocalConfig, register
+from fedsqueeze.algorithms.base import Cohort
+from fedsqueeze.algorithms._local import cid_of
+from fedsqueeze.algorithms.fedavg import FedAvg
+from fedsqueeze.client.app import STATE_KEY, load_state
+from fedsqueeze.config import resolve
+from fedsqueeze.deploy.state import StateIdentity, StateStore, config_digest
+from fedsqueeze.engine import LocalTransport, Server, run_round
+from fedsqueeze.simulation.grid import run_inprocess
+from fedsqueeze.simulation.runner import simulate
+
+SMALL = ["task=digits-logreg", "partition=iid", "local-steps=2", "batch-size=16", "target-accuracy=0"]
+
+
+@register("test-alternate")
+class Alternate(FedAvg):
+    """A test algorithm with its own sampling and per-client config, in one small class:
+    odd clients in odd rounds, even clients in even rounds (p_i = 1/2), each told its own tag."""
+
+    def select(self, server_round, population, size, gen):
+        ids = tuple(i for i in population if i % 2 == server_round % 2)
+        return Cohort(ids, {i: 0.5 for i in population})
+
+    def configure(self, server_round, client, seed):
+        return {"tag": 1000 * server_round + client}
+
+    def client_step(self, x, model, data, loss_fn, cfg: LocalConfig, state):
+        out = super().client_step(x, model, data, loss_fn, cfg, state)
+        out.metrics["tag"] = float(cfg.extra["tag"])
+        return out
+
+
+@register("test-count")
+class CountCalls(FedAvg):
+    """FedAvg whose clients count their calls in their own state and check it is theirs."""
+
+    def client_step(self, x, model, data, loss_fn, cfg: LocalConfig, state):
+        pid = torch.tensor(cid_of(data))
+        if "count.pid" in state and not torch.equal(state["count.pid"], pid):
+            raise RuntimeError(f"client {int(pid)} was given the state of client {int(state['count.pid'])}")
+        state["count.pid"] = pid
+        state["count.calls"] = state.get("count.calls", torch.tensor(0)) + 1
+        return super().client_step(x, model, data, loss_fn, cfg, state)
+
+
+class Recording(LocalTransport):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.outboxes = {}
+        self.arrivals = {}
+
+    def exchange(self, server_round, outbox, partition_ids):
+        self.outboxes[server_round] = outbox
+        out = super().exchange(server_round, outbox, partition_ids)
+        self.arrivals[server_round] = out.arrivals
+        return out
+
+
+def _cfg(tmp_path, *extra):
+    return resolve(overrides=[*SMALL, f"out-dir={tmp_path}", *extra])
+
+
+def test_uniform_sampling_matches_its_declared_inclusion_probabilities(tmp_path):
+    cfg = _cfg(tmp_path, "num-clients=10", "cohort-size=3")
+    server = Server(cfg)
+    draws = 3000
+    counts = torch.zeros(10)
+    for r in range(1, draws + 1):
+        cohort = server.select(r)
+        assert len(cohort.ids) == 3 and list(cohort.ids) == sorted(set(cohort.ids))
+        counts[list(cohort.ids)] += 1
+    p = torch.tensor([cohort.probabilities[i] for i in range(10)])
+    assert torch.allclose(p, torch.full((10,), 0.3))
+    sigma = torch.sqrt(p * (1 - p) / draws)
+    assert float(((counts / draws - p).abs() / sigma).max()) < 4.5  # binomial spread, 10 clients
+
+
+def test_an_algorithm_brings_its_own_sampling_and_per_client_config(tmp_path):
+    cfg = _cfg(tmp_path, "num-clients=6", "algorithm=test-alternate", "rounds=4")
+    server, transport = Server(cfg), Recording(cfg)
+    for r in range(1, 5):
+        run_round(server, transport, r)
+        expected = [i for i in range(6) if i % 2 == r % 2]
+        assert [pid for rnd, pid in transport.calls if rnd == r] == expected
+        assert {pid: c["tag"] for pid, c in transport.outboxes[r].config.items()} == {
+            i: 1000 * r + i for i in expected
+        }
+        assert [a.metrics["tag"] for a in transport.arrivals[r]] == [1000 * r + i for i in expected]
+    # the same module runs through the Flower apps by its registered name
+    rows = simulate(cfg.replace(name="flower")).rows
+    assert [r["clients_sampled"] for r in rows] == [3, 3, 3, 3]
+    assert all(r["clients_failed"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["scaffnew(p=0.5)", "flix(alpha=0.5)", "fedavg"])
+@pytest.mark.parametrize("mechanism", ["none", "ef21"])
+def test_aggregation_weights_are_the_algorithms_with_or_without_feedback(tmp_path, algorithm, mechanism):
+    """Scaffnew and FLIX weigh clients uniformly, FedAvg by examples, whatever the feedback mechanism:
+    with an exact compressor one round moves x by exactly that weighted mean of the decoded deltas."""
+    cfg = _cfg(tmp_path, "num-clients=4", "partition=dirichlet(0.5)", f"algorithm={algorithm}",
+               f"feedback={mechanism}")  # fmt: skip
+    server, transport = Server(cfg), Recording(cfg)
+    sizes = [len(c.train.y) for c in server.task.clients]
+    assert len(set(sizes)) > 1  # unequal clients, so the two weightings differ
+    x0 = server.x.clone()
+    run_round(server, transport, 1)
+    deltas = [server.decode(a.payloads).to(torch.float64) for a in transport.arrivals[1]]
+    weights = [1.0] * 4 if not algorithm.startswith("fedavg") else [float(n) for n in sizes]
+    expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+    torch.testing.assert_close((server.x - x0).to(torch.float64), expected, rtol=1e-5, atol=1e-7)
+    other = [float(n) for n in sizes] if not algorithm.startswith("fedavg") else [1.0] * 4
+    wrong = sum(w * d for w, d in zip(other, deltas, strict=True)) / sum(other)
+    assert float((wrong - expected).norm()) > 1e-3 * float(expected.norm())
+
+
+def test_three_hundred_clients_each_get_their_own_state(tmp_path):
+    cfg = _cfg(tmp_path, "num-clients=300", "cohort-size=40", "rounds=8", "algorithm=test-count",
+               "feedback=ef21", "compressor=topk(0.1)")  # fmt: skip
+    grid, _ = run_inprocess("fedsqueeze.server.app:app", "fedsqueeze.client.app:app", 300, cfg.to_run_config(),
+                            seed=cfg.seed)  # fmt: skip
+    server = Server(cfg)
+    sampled = [0] * 300
+    for r in range(1, 9):
+        for pid in server.select(r).ids:
+            sampled[pid] += 1
+    assert max(sampled) >= 2  # some clients come back with their state
+    for pid in range(300):
+        state = load_state(grid.context(grid.node_for_partition(pid)))
+        calls = int(state["count.calls"]) if "count.calls" in state else 0
+        assert calls == sampled[pid], pid
+        assert ("feedback.g" in state) == (sampled[pid] > 1)  # committed once acknowledged
+
+
+def test_client_state_on_disk_in_simulation_gives_the_same_run(tmp_path):
+    common = ["num-clients=8", "cohort-size=3", "rounds=5", "feedback=ef21", "compressor=topk(0.1)"]
+    in_memory = simulate(_cfg(tmp_path, "name=memory", *common))
+    state_dir = tmp_path / "states"
+    cfg = _cfg(tmp_path, "name=disk", f"state-dir={state_dir}", *common)
+    grid, _ = run_inprocess("fedsqueeze.server.app:app", "fedsqueeze.client.app:app", 8, cfg.to_run_config(),
+                            seed=cfg.seed, node_configs=[{"partition-id": i, "num-partitions": 8,
+                                                          "state-dir": str(state_dir)} for i in range(8)])  # fmt: skip
+    on_disk = simulate(cfg.replace(name="disk2"))  # through the runner: a folder of its own under state-dir
+    assert len([d for d in state_dir.iterdir() if d.name.startswith("sim-")]) == 1
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    assert strip(on_disk.rows) == strip(in_memory.rows)
+    files = sorted((state_dir / "run-1").glob("*.fsqstate"))
+    assert files
+    for pid in range(8):  # memory holds no client state between calls; the files do
+        assert STATE_KEY not in grid.context(grid.node_for_partition(pid)).state
+    store = StateStore(str(state_dir), StateIdentity(1, int(files[0].stem.split("-")[-1]),
+                                                     config_digest(cfg.to_run_config())))  # fmt: skip
+    tensors = store.load().tensors
+    assert "feedback.g" in tensors or "pending.round" in tensors
+    assert all(math.isfinite(r["test_loss"]) for r in on_disk.rows)
