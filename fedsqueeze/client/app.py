@@ -102,18 +102,35 @@ def payloads_from(record: ArrayRecord) -> dict[str, bytes]:
     return out
 
 
+#: stype of a state tensor in context.state: its raw little-endian bytes (one copy each way, where
+#: Flower's numpy stype goes through np.save and np.load)
+STATE_STYPE = "fedsqueeze/raw"
+
+
 def load_state(context: Context) -> dict[str, torch.Tensor]:
     record = context.state.array_records.get(STATE_KEY)
     if record is None:
         return {}
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+    out = {}
+    for key, a in record.items():
+        if a.stype != STATE_STYPE:  # a state saved with Flower's own serialisation
+            out[key] = torch.from_numpy(a.numpy())
+            continue
+        raw = np.frombuffer(a.data, dtype=np.dtype(a.dtype).newbyteorder("<")).astype(a.dtype)  # a writable copy
+        out[key] = torch.from_numpy(raw.reshape(a.shape))
+    return out
 
 
 def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
-    if state:
-        context.state[STATE_KEY] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
-    elif STATE_KEY in context.state:
-        del context.state[STATE_KEY]
+    if not state:
+        if STATE_KEY in context.state:
+            del context.state[STATE_KEY]
+        return
+    arrays = {}
+    for key, v in state.items():
+        a = v.detach().cpu().contiguous().numpy()
+        arrays[key] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    context.state[STATE_KEY] = ArrayRecord(arrays)
 
 
 def _config(context: Context) -> Config:

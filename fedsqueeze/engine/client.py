@@ -27,7 +27,6 @@ from fedsqueeze.algorithms import Algorithm, LocalConfig
 from fedsqueeze.config import Config
 from fedsqueeze.feedback import Broadcast, Outgoing
 from fedsqueeze.seeding import derive_seed, generator
-from fedsqueeze.tracking import relative_error
 
 from . import protocol
 from .plan import RunPlan, plan_for
@@ -148,8 +147,7 @@ class ClientHalf:
         self.settle(state, config.get(protocol.FEEDBACK_ACK))
         outgoing = mechanism.prepare(update, state, gen)
         payloads = self.plan.uplink.encode(outgoing.payload)
-        source = outgoing.source if outgoing.source is not None else update
-        error = relative_error(source, outgoing.sent)
+        error = self.plan.uplink.error(outgoing.source if outgoing.source is not None else update, outgoing.payload)
         if self.plan.stateful:
             self.keep_pending(state, outgoing, payloads, server_round)
         return LocalResult(

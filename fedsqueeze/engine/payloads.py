@@ -15,13 +15,14 @@ A plan behaves like a compressor on the whole flat vector (`compress` -> list of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fedsqueeze import wire
-from fedsqueeze.compressors import Compressed, Compressor, Dense, build
+from fedsqueeze.compressors import Compressed, Compressor, Dense, Sparse, build
 from fedsqueeze.config import Config
 
 DENSE_SPEC = "identity"
@@ -147,6 +148,8 @@ class UpdatePlan:
         """The flat vector from each group's piece (inverse of `split`)."""
         if len(pieces) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} pieces, got {len(pieces)}")
+        if len(pieces) == 1 and pieces[0].numel() == self.numel:
+            return pieces[0].reshape(-1)  # one group holds the whole vector, in order: no copy
         out = torch.empty(self.numel, dtype=pieces[0].dtype if pieces else torch.float32)
         for group, index, piece in zip(self.groups, self._index, pieces, strict=True):
             if piece.numel() != group.numel:
@@ -177,6 +180,28 @@ class UpdatePlan:
             dense = c.to_dense() if isinstance(c, Dense) else group.compressor.decompress(c)
             pieces.append(dense.reshape(-1).to(torch.float32))
         return self.join(pieces)
+
+    def error(self, vector: torch.Tensor, payloads: Sequence[Compressed]) -> float:
+        """||C(v) - v||^2 / ||v||^2 of the payloads that stand for v (0 for v = 0 = C(v), else inf at v = 0).
+
+        Every payload decompresses to `to_dense()`, so a sparse one's error needs only its kept
+        coordinates: ||v||^2 - ||v_S||^2 + ||C(v)_S - v_S||^2, no dense copy (a metric taken per reply).
+        """
+        v = vector.detach().reshape(-1)
+        err = 0.0
+        for piece, c in zip(self.split(v), payloads, strict=True):
+            if isinstance(c, Sparse):
+                kept = piece[c.indices]
+                diff = c.values.to_dense().reshape(-1).to(piece.dtype) - kept
+                err += max(0.0, float(torch.dot(piece, piece)) - float(torch.dot(kept, kept)))
+                err += float(torch.dot(diff, diff))
+            else:
+                diff = c.to_dense().reshape(-1).to(piece.dtype) - piece
+                err += float(torch.dot(diff, diff))
+        norm = float(torch.dot(v, v))
+        if norm == 0.0:
+            return 0.0 if err == 0.0 else math.inf
+        return err / norm
 
     def encode(self, payloads: Sequence[Compressed]) -> dict[str, bytes]:
         """The wire bytes of each group's payload, keyed by group."""

@@ -25,7 +25,7 @@ x <- x - gamma g; in model-delta mode v_i is the client's model delta after loca
 server steps x <- x + g.
 
 `theory` computes lambda*, nu*, r, r_av, s*, the EF-BV, EF21 and DIANA stepsizes from a compressor's
-declared (eta, omega); `run_gradient_mode` runs gradient mode on an exact objective. The Flower apps
+declared (eta, omega). The Flower apps
 use these halves through `fedsqueeze.engine` (config keys `feedback`, `downlink-feedback`, `mode`,
 `lr = "theory"`): the client half in the ClientApp, the server half in the engine's server half.
 """
@@ -33,7 +33,6 @@ use these halves through `fedsqueeze.engine` (config keys `feedback`, `downlink-
 from . import diana, ef, ef21, efbv, none  # noqa: F401  (register the built-in mechanisms)
 from .base import Codec, FeedbackError, Mechanism, Outgoing, ServerHalf
 from .downlink import Broadcast, Downlink, DownlinkServer, build_downlink
-from .gradient_mode import History, Round, run_gradient_mode
 from .registry import Context, available, build, parse_spec, register
 
 __all__ = [
@@ -43,15 +42,12 @@ __all__ = [
     "Downlink",
     "DownlinkServer",
     "FeedbackError",
-    "History",
     "Mechanism",
     "Outgoing",
-    "Round",
     "ServerHalf",
     "available",
     "build",
     "build_downlink",
     "parse_spec",
     "register",
-    "run_gradient_mode",
 ]

@@ -71,8 +71,9 @@ class Outgoing:
     """A prepared client message: the payload to send and the vector the server will decode from it."""
 
     payload: Payload
-    #: decompress(payload), in the dtype of the client's vector
-    sent: torch.Tensor
+    #: decompress(payload), in the dtype of the client's vector; None where the mechanism needs no
+    #: dense copy of it (no feedback: nothing is remembered, so the vector is never rebuilt)
+    sent: torch.Tensor | None
     #: the client's memory after sending (written into the state by `commit`)
     new_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: True when this is the client's first message and it carries its vector uncompressed

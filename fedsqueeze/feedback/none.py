@@ -24,8 +24,7 @@ from .registry import register
 class NoFeedback(Mechanism):
     def prepare(self, v, state, generator):
         v = check_vector(v)
-        payload, sent = self._compress(v, generator)
-        return Outgoing(payload, sent, source=v)
+        return Outgoing(self.codec.compress(v, generator), None, source=v)
 
     def server(self, num_clients: int, weights: Sequence[float] | None = None) -> ServerHalf:
         return CohortMean(num_clients, weights)

@@ -5,7 +5,8 @@ For each alpha, the FLIX objective f~(x) = (1/n) sum_i f_i(alpha x + (1 - alpha)
 - Scafflix: per-client gamma_i = 1/L_i (estimated locally), p = sqrt(min_i gamma_i mu), K ~ Geometric(p);
 - FLIX-GD: one gradient step per round, stepsize 1/L~ with L~ = (1/n) sum_i alpha^2 L_i;
 - FedAvg: local GD on the FLIX objective, K = round(1/p) steps per round at stepsize 1/(alpha^2 max_i L_i).
-All three run through fedsqueeze.algorithms.driver (the client/server halves of the Flower apps), float64.
+All three run through the float64 reference loop tests/reference/algorithms.py (the algorithms' own client
+and server halves, full participation, no compression).
 
     .venv/bin/python simulations/scafflix/run.py [--config simulations/scafflix/config.toml] [--rounds N]
 """
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 
 from fedsqueeze.algorithms import build
-from fedsqueeze.algorithms.driver import FlixObjective, local_optima, run
 from fedsqueeze.tasks import build_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from reference.algorithms import FlixObjective, local_optima, run  # noqa: E402 (the float64 reference)
 
 try:
     import tomllib
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"subopt": max(flix.f(x) - f_opt, 1e-16)}
 
         scafflix = build(f"scafflix(alpha={alpha})")
-        scafflix.configure(task)
+        scafflix.setup(task)
         k = max(1, round(1 / scafflix.p))
         runs = {
             "Scafflix": run(scafflix, task, rounds=rounds, lr=0.0, measure=measure),

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .base import FeedbackError, Mechanism
-from .downlink import Downlink, build_downlink
-from .registry import build
+from fedsqueeze.feedback.base import FeedbackError, Mechanism
+from fedsqueeze.feedback.downlink import Downlink, build_downlink
+from fedsqueeze.feedback.registry import build
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Algorithm, ClientOutput, LocalConfig, derive_seed
+from fedsqueeze.algorithms import Algorithm, ClientOutput, LocalConfig, derive_seed
 
 
 @dataclass
