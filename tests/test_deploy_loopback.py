@@ -122,7 +122,6 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
             try:
                 loaded.append(store.load())
             except StateError as exc:
-                print("DEBUG", name, exc)
                 assert "belongs to another client" in str(exc)
         assert [state.server_round for state in loaded] == [3]
         # EF21's g_i (what the restarted node restored) and the update of round 3, awaiting acknowledgement

@@ -31,7 +31,9 @@ def local_sgd(
     """
     n = len(labels)
     steps = cfg.num_steps(n)
-    nn.utils.vector_to_parameters(x.detach().clone(), model.parameters())
+    # the parameters become views into one flat copy of x, so the trained flat vector needs no gathering
+    flat = x.detach().clone()
+    nn.utils.vector_to_parameters(flat, model.parameters())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -56,7 +58,7 @@ def local_sgd(
                 p.add_(g, alpha=-cfg.lr)
         total += float(loss.detach())
     mean_loss = total / steps if steps else math.nan
-    return nn.utils.parameters_to_vector(model.parameters()).detach(), mean_loss
+    return flat, mean_loss
 
 
 @register("fedavg")

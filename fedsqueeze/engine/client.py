@@ -145,7 +145,8 @@ class ClientHalf:
         gen = generator(cfg.seed, server_round, partition_id, "up")
         mechanism = self.plan.mechanism
         self.settle(state, config.get(protocol.FEEDBACK_ACK))
-        outgoing = mechanism.prepare(update, state, gen)
+        # a replayable mechanism's memory update is rebuilt from the payload when it is acknowledged
+        outgoing = mechanism.prepare(update, state, gen, eager=not mechanism.replayable)
         payloads = self.plan.uplink.encode(outgoing.payload)
         error = self.plan.uplink.error(outgoing.source if outgoing.source is not None else update, outgoing.payload)
         if self.plan.stateful:

@@ -181,6 +181,22 @@ class UpdatePlan:
             pieces.append(dense.reshape(-1).to(torch.float32))
         return self.join(pieces)
 
+    def decompress_sparse(self, payloads: Sequence[Compressed]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices, float32 values) of the vector the payloads stand for when every payload is
+        sparse (None otherwise): what a server needs to add a top-k reply without a dense copy."""
+        if len(payloads) != len(self.groups) or not all(isinstance(c, Sparse) for c in payloads):
+            return None
+        indices, values = [], []
+        for group, index, c in zip(self.groups, self._index, payloads, strict=True):
+            if c.numel != group.numel:
+                raise ValueError(f"payload for {group.key!r} stands for {c.numel} elements, expected {group.numel}")
+            local = c.indices.to(torch.int64)
+            indices.append(local + group.slots[0].offset if index is None else index[local])
+            values.append(c.values.to_dense().reshape(-1).to(torch.float32))
+        if len(indices) == 1:
+            return indices[0], values[0]
+        return torch.cat(indices), torch.cat(values)
+
     def error(self, vector: torch.Tensor, payloads: Sequence[Compressed]) -> float:
         """||C(v) - v||^2 / ||v||^2 of the payloads that stand for v (0 for v = 0 = C(v), else inf at v = 0).
 

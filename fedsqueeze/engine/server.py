@@ -29,6 +29,7 @@ from fedsqueeze import wire
 from fedsqueeze.algorithms import Algorithm
 from fedsqueeze.algorithms.base import Cohort
 from fedsqueeze.config import Config
+from fedsqueeze.feedback import SparseVector
 from fedsqueeze.seeding import derive_seed, generator
 
 from . import protocol
@@ -181,8 +182,9 @@ class Server:
             metrics=extra,
         )
 
-    def decode(self, payloads: Mapping[str, bytes]) -> torch.Tensor:
-        """The vector a reply's payloads stand for, checked against the layout the server expects."""
+    def decode(self, payloads: Mapping[str, bytes]) -> torch.Tensor | SparseVector:
+        """The vector a reply's payloads stand for, checked against the layout the server expects
+        (a SparseVector when every payload is sparse: it is added at its support, never made dense)."""
         keys = [g.key for g in self.uplink.groups]
         if sorted(payloads) != sorted(keys):
             raise InvalidReply(f"payload groups {sorted(payloads)} differ from the expected {sorted(keys)}")
@@ -191,11 +193,17 @@ class Server:
         except wire.PayloadError as exc:
             raise InvalidReply(f"payload rejected: {exc}") from None
         try:
-            update = self.uplink.decompress(compressed)
+            sparse = self.uplink.decompress_sparse(compressed)
+            if sparse is None:
+                update: torch.Tensor | SparseVector = self.uplink.decompress(compressed)
+                values = update
+            else:
+                update = SparseVector(self.uplink.numel, *sparse)
+                values = update.values
         except (ValueError, RuntimeError) as exc:
             raise InvalidReply(f"payload does not fit the model: {exc}") from None
         # one BLAS pass: NaN and inf propagate into ||v||^2, and so does a norm beyond float32's range
-        if not math.isfinite(float(torch.dot(update, update))):
+        if not math.isfinite(float(torch.dot(values, values))):
             raise InvalidReply("update has non-finite values (or a norm beyond float32's range)")
         return update
 

@@ -31,7 +31,7 @@ use these halves through `fedsqueeze.engine` (config keys `feedback`, `downlink-
 """
 
 from . import diana, ef, ef21, efbv, none  # noqa: F401  (register the built-in mechanisms)
-from .base import Codec, FeedbackError, Mechanism, Outgoing, ServerHalf
+from .base import Codec, FeedbackError, Mechanism, Outgoing, ServerHalf, SparseVector
 from .downlink import Broadcast, Downlink, DownlinkServer, build_downlink
 from .registry import Context, available, build, parse_spec, register
 
@@ -45,6 +45,7 @@ __all__ = [
     "Mechanism",
     "Outgoing",
     "ServerHalf",
+    "SparseVector",
     "available",
     "build",
     "build_downlink",

@@ -136,8 +136,13 @@ class Mechanism(ABC):
     # ---- client half ---------------------------------------------------------------------------
 
     @abstractmethod
-    def prepare(self, v: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator | None) -> Outgoing:
-        """Compress this round's vector v_i (flat); reads `state`, does not change it."""
+    def prepare(
+        self, v: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator | None, *, eager: bool = True
+    ) -> Outgoing:
+        """Compress this round's vector v_i (flat); reads `state`, does not change it.
+
+        eager=False (replayable mechanisms): leave `sent` and `new_state` out, for a caller that keeps
+        the payload and rebuilds the memory update with `replay` once the server acknowledges it."""
 
     def commit(self, state: dict[str, torch.Tensor], out: Outgoing) -> None:
         """Update the client's memory once `out.payload` is sent (writes `out.new_state`)."""
@@ -233,19 +238,19 @@ class ServerHalf(ABC):
         self._share = 0.0
         self._start()
 
-    def add(self, cid: int, vec: torch.Tensor, weight: float | None = None) -> None:
+    def add(self, cid: int, vec: torch.Tensor | SparseVector, weight: float | None = None) -> None:
         """Take in client `cid`'s decoded message; `weight` replaces its share p_i for this round
         (only where the mechanism keeps no running mean over fixed shares)."""
         if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < self.num_clients:
             raise FeedbackError(f"client id {cid!r} is outside 0..{self.num_clients - 1}")
         if cid in self._round:
             raise FeedbackError(f"client {cid} replied twice in one round")
-        if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
+        if not isinstance(vec, SparseVector) and (not isinstance(vec, torch.Tensor) or vec.dim() != 1):
             raise FeedbackError(f"client {cid}: expected a flat tensor, got {getattr(vec, 'shape', type(vec))}")
         if self._dim is None:
-            self._dim = vec.numel()
-        elif vec.numel() != self._dim:
-            raise FeedbackError(f"client {cid}: vector of length {vec.numel()}, others have {self._dim}")
+            self._dim = _numel(vec)
+        elif _numel(vec) != self._dim:
+            raise FeedbackError(f"client {cid}: vector of length {_numel(vec)}, others have {self._dim}")
         if weight is not None and not self.reweighable:
             raise FeedbackError(f"{type(self).__name__} keeps running means over fixed shares: no per-reply weights")
         p = float(self.p[cid]) if weight is None else float(weight)
@@ -267,8 +272,8 @@ class ServerHalf(ABC):
         """Reset the round's sums."""
 
     @abstractmethod
-    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
-        """Add one message with its weight p to the round's sums."""
+    def _add(self, cid: int, p: float, vec: torch.Tensor | SparseVector) -> None:
+        """Add one message (dense or sparse) with its weight p to the round's sums."""
 
     @abstractmethod
     def _finish(self, share: float) -> torch.Tensor:
@@ -301,6 +306,32 @@ class ServerHalf(ABC):
         return seen
 
 
+@dataclass(frozen=True, eq=False)
+class SparseVector:
+    """A flat vector of `numel` entries, zero outside `indices` (distinct): a decoded sparse message,
+    which a server half adds at its support without making it dense."""
+
+    numel: int
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.numel, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out
+
+
+Message = torch.Tensor | SparseVector
+
+
+def _numel(vec: Message) -> int:
+    return vec.numel if isinstance(vec, SparseVector) else vec.numel()
+
+
 class Sum:
     """sum_i w_i v_i over one round's messages, accumulated in float64 as they come (one d-vector)."""
 
@@ -308,11 +339,14 @@ class Sum:
         self.total: torch.Tensor | None = None
         self.dtype: torch.dtype = torch.float32
 
-    def add(self, vec: torch.Tensor, weight: float) -> None:
+    def add(self, vec: Message, weight: float) -> None:
         if self.total is None:
-            self.total = torch.zeros(vec.numel(), dtype=torch.float64)
+            self.total = torch.zeros(_numel(vec), dtype=torch.float64)
             self.dtype = vec.dtype
-        self.total.add_(vec, alpha=weight)  # the float64 sum takes the float32 vector without a copy
+        if isinstance(vec, SparseVector):
+            self.total.index_add_(0, vec.indices, vec.values.to(torch.float64), alpha=weight)
+        else:
+            self.total.add_(vec, alpha=weight)  # the float64 sum takes the float32 vector without a copy
 
 
 def client_shares(num_clients: int, weights: Sequence[float] | None) -> torch.Tensor:

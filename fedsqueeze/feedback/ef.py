@@ -31,7 +31,7 @@ RESIDUAL = STATE_PREFIX + "e"
 class ErrorFeedback(Mechanism):
     client_keys = (RESIDUAL,)
 
-    def prepare(self, v, state, generator):
+    def prepare(self, v, state, generator, *, eager=True):
         v = check_vector(v)
         e = state_vector(state, RESIDUAL, v)
         p = v if e is None else e + v

@@ -39,6 +39,7 @@ from .base import (
     check_vector,
     choice,
     state_vector,
+    Message,
     Sum,
 )
 from .registry import register
@@ -58,15 +59,17 @@ class EF21(Mechanism):
     def arguments(self):
         return {"init": self.init}
 
-    def prepare(self, v, state, generator):
+    def prepare(self, v, state, generator, *, eager=True):
         v = check_vector(v)
         g_i = state_vector(state, ESTIMATE, v)
         if g_i is None and self.init == "full":
             payload, sent = self._compress_dense(v)
             return Outgoing(payload, sent, {ESTIMATE: sent}, initial=True, source=v)
+        diff = v if g_i is None else v - g_i
+        if not eager:
+            return Outgoing(self.codec.compress(diff, generator), None, source=diff)
         if g_i is None:
             g_i = torch.zeros_like(v)
-        diff = v - g_i
         payload, sent = self._compress(diff, generator)
         return Outgoing(payload, sent, {ESTIMATE: g_i + sent}, source=diff)
 
@@ -87,7 +90,7 @@ class EF21Server(ServerHalf):
     def _start(self) -> None:
         self._sum = Sum()
 
-    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+    def _add(self, cid: int, p: float, vec: Message) -> None:
         self._sum.add(vec, p)
 
     def _finish(self, share: float) -> torch.Tensor:

@@ -43,6 +43,7 @@ from .base import (
     Outgoing,
     Param,
     ServerHalf,
+    Message,
     Sum,
     check_vector,
     choice,
@@ -85,15 +86,17 @@ class EFBV(Mechanism):
     def arguments(self):
         return {"lam": self.lam, "nu": self.nu, "init": self.init}
 
-    def prepare(self, v, state, generator):
+    def prepare(self, v, state, generator, *, eager=True):
         v = check_vector(v)
         h_i = state_vector(state, SHIFT, v)
         if h_i is None and self.init == "full":
             payload, sent = self._compress_dense(v)
             return Outgoing(payload, sent, {SHIFT: sent}, initial=True, source=v)
+        diff = v if h_i is None else v - h_i
+        if not eager:
+            return Outgoing(self.codec.compress(diff, generator), None, source=diff)
         if h_i is None:
             h_i = torch.zeros_like(v)
-        diff = v - h_i
         payload, sent = self._compress(diff, generator)
         return Outgoing(payload, sent, {SHIFT: h_i + self.lam * sent}, source=diff)
 
@@ -125,7 +128,7 @@ class ShiftedServer(ServerHalf):
         self._fresh = Sum()  # nu-weighted part of g (times P_S)
         self._shift = Sum()  # increment of h
 
-    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+    def _add(self, cid: int, p: float, vec: Message) -> None:
         first = False
         if self.full_init:
             seen = self._seen()

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Mechanism, Outgoing, ServerHalf, Sum, check_vector
+from .base import Mechanism, Message, Outgoing, ServerHalf, Sum, check_vector
 from .registry import register
 
 
 @register("none")
 class NoFeedback(Mechanism):
-    def prepare(self, v, state, generator):
+    def prepare(self, v, state, generator, *, eager=True):
         v = check_vector(v)
         return Outgoing(self.codec.compress(v, generator), None, source=v)
 
@@ -38,7 +38,7 @@ class CohortMean(ServerHalf):
     def _start(self) -> None:
         self._sum = Sum()
 
-    def _add(self, cid: int, p: float, vec: torch.Tensor) -> None:
+    def _add(self, cid: int, p: float, vec: Message) -> None:
         self._sum.add(vec, p)
 
     def _finish(self, share: float) -> torch.Tensor:
