@@ -98,8 +98,12 @@ def bytes_tensor(data, n: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     if len(data) != n * size:
         raise PayloadError(f"{what}: {len(data)} bytes, expected {n * size} for {n} {dtype} values")
     view = np.frombuffer(data, dtype=wire)
-    if not _all_finite(view, dtype):
-        raise PayloadError(f"{what}: non-finite values (NaN or inf)")
-    # one copy, by numpy: its large allocations get huge pages, so this runs near memory speed
-    raw = view.astype(np.dtype(wire).newbyteorder("="))
+    # one copy, by numpy (its large allocations get huge pages, so this runs near memory speed),
+    # checked chunk by chunk while each chunk is still in cache
+    raw = np.empty(n, dtype=np.dtype(wire).newbyteorder("="))
+    for start in range(0, n, _CHUNK):
+        part = raw[start : start + _CHUNK]
+        np.copyto(part, view[start : start + _CHUNK])
+        if not _all_finite(part, dtype):
+            raise PayloadError(f"{what}: non-finite values (NaN or inf)")
     return torch.from_numpy(raw).view(dtype)
