@@ -5,8 +5,9 @@
 For each dense float32 vector size and operator it measures compress+encode and decode+decompress
 throughput (MB/s of dense input, median of the repeats), the bytes on the wire, the
 information-theoretic floor where one is defined, bytes/floor, and the compression factor
-against dense float32. Baselines measured in the same run: torch.topk on |x| (k = 1 % of d)
-and a plain memory read (x.sum()). Ratios against them are what to compare across machines.
+against dense float32. Baselines measured in the same run: torch.topk on |x| (k = 1 % of d),
+a plain memory read (x.sum()), a copy (x.clone()) and a cast (x.half()); the copy and the cast are
+what a dense codec has to do at least. Ratios against them are what to compare across machines.
 """
 
 from __future__ import annotations
@@ -123,12 +124,20 @@ def run(sizes: list[int], repeats: int) -> dict:
         torch_topk = partial(torch.topk, x.abs(), max(1, d // 100))
         t_sum, _ = timed(x.sum, reps)
         t_topk, _ = timed(torch_topk, reps)
-        baselines = {"memory_read_mb_s": dense_mb / t_sum, "torch_topk_1pct_mb_s": dense_mb / t_topk}
+        t_clone, _ = timed(x.clone, reps)
+        t_half, _ = timed(x.half, reps)
+        baselines = {
+            "memory_read_mb_s": dense_mb / t_sum,
+            "torch_topk_1pct_mb_s": dense_mb / t_topk,
+            "clone_mb_s": dense_mb / t_clone,
+            "half_mb_s": dense_mb / t_half,
+        }
         results[f"baselines_d{d}"] = baselines
         for spec in OPERATORS:
             op = build(spec, layout=layout_for(d))
             gen = torch.Generator().manual_seed(1)
-            t_topk, _ = timed(torch_topk, reps)  # the baseline again, next to the operator: machines drift
+            t_topk, _ = timed(torch_topk, reps)  # the baselines again, next to the operator: machines drift
+            t_clone, _ = timed(x.clone, reps)
             t_enc, data = timed(partial(compress_encode, op, x, gen), reps)
             t_dec, _ = timed(partial(decode_decompress, op, data, d), reps)
             floor = floor_bits(wire.decode(data, d))  # the floor of the very payload that was measured
@@ -141,6 +150,8 @@ def run(sizes: list[int], repeats: int) -> dict:
                     "decode_mb_s": dense_mb / t_dec,
                     "encode_vs_torch_topk": t_topk / t_enc,
                     "encode_vs_memory_read": t_sum / t_enc,
+                    "encode_vs_clone": t_clone / t_enc,
+                    "decode_vs_clone": t_clone / t_dec,
                     "bytes": nbytes,
                     "floor_bytes": None if floor is None else floor[0] / 8,
                     "floor": None if floor is None else floor[1],
@@ -157,7 +168,8 @@ def _row_line(r: dict) -> str:
     ratio = "-" if r["bytes_over_floor"] is None else f"{r['bytes_over_floor']:.3f}"
     return (
         f"d={r['d']:>9,} {r['operator']:<30} enc {r['encode_mb_s']:9.0f} MB/s ({r['encode_vs_torch_topk']:6.2f}x topk)"
-        f"  dec {r['decode_mb_s']:9.0f} MB/s  {r['bytes']:>11,} B  /floor {ratio:>6}  x{r['compression_factor']:.1f}"
+        f" {r['encode_vs_clone']:5.2f}x clone  dec {r['decode_mb_s']:9.0f} MB/s {r['decode_vs_clone']:5.2f}x clone"
+        f"  {r['bytes']:>11,} B  /floor {ratio:>6}  x{r['compression_factor']:.1f}"
     )
 
 
@@ -167,19 +179,21 @@ def markdown(results: dict) -> str:
         if key.startswith("baselines_d"):
             lines.append(
                 f"- d = {int(key.removeprefix('baselines_d')):,}: memory read {b['memory_read_mb_s']:,.0f} MB/s, "
-                f"torch.topk(1 %) {b['torch_topk_1pct_mb_s']:,.0f} MB/s"
+                f"torch.topk(1 %) {b['torch_topk_1pct_mb_s']:,.0f} MB/s, clone() {b['clone_mb_s']:,.0f} MB/s, "
+                f"half() {b['half_mb_s']:,.0f} MB/s"
             )
     lines += [
         "",
-        "| d | operator | compress+encode MB/s | vs torch.topk | decode+decompress MB/s "
-        "| bytes | bytes/floor | factor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| d | operator | compress+encode MB/s | vs torch.topk | vs clone() | decode+decompress MB/s "
+        "| vs clone() | bytes | bytes/floor | factor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         ratio = "n/a" if r["bytes_over_floor"] is None else f"{r['bytes_over_floor']:.3f}"
         lines.append(
             f"| {r['d']:.0e} | `{r['operator']}` | {r['encode_mb_s']:,.0f} | {r['encode_vs_torch_topk']:.1f}x "
-            f"| {r['decode_mb_s']:,.0f} | {r['bytes']:,} | {ratio} | {r['compression_factor']:,.1f} |"
+            f"| {r['encode_vs_clone']:.2f}x | {r['decode_mb_s']:,.0f} | {r['decode_vs_clone']:.2f}x "
+            f"| {r['bytes']:,} | {ratio} | {r['compression_factor']:,.1f} |"
         )
     return "\n".join(lines)
 

@@ -10,10 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Elements per chunk of the chunked CPU loops: buffers of 128 KiB stay in cache, and torch runs
+# an op this small inline instead of waking its thread pool, which on a busy machine costs more
+# than the op (chunks of 2**16 ran ten times slower here).
+CHUNK = 1 << 15
+# numpy has no thread pool: its chunks only need to stay in cache
+NUMPY_CHUNK = 1 << 16
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def cpu_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(n, dtype=dtype) on the CPU, allocated by numpy where numpy has the dtype:
+    numpy asks for transparent huge pages on large arrays, so the first write to a fresh 40 MB
+    output costs a few hundred page faults instead of ten thousand (about twice as fast here)."""
+    if dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.empty(n, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.empty(n, dtype=dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,9 +61,20 @@ class Dense(Compressed):
     scale: float = 1.0
 
     def to_dense(self) -> torch.Tensor:
+        v = self.values
+        if v.device.type == "cpu" and self.dtype == torch.float32 and v.dtype != torch.float32:
+            # values -> float32 (times scale), chunk by chunk into one output: the same roundings as
+            # below without a float32 temporary of the whole vector
+            out = cpu_empty(v.numel(), torch.float32)
+            for start in range(0, v.numel(), CHUNK):
+                part = out[start : start + CHUNK]
+                part.copy_(v[start : start + CHUNK])
+                if self.scale != 1.0:
+                    part.mul_(self.scale)
+            return out
         if self.scale == 1.0:
-            return self.values.to(self.dtype)
-        return (self.values.to(torch.float32) * self.scale).to(self.dtype)
+            return v.to(self.dtype)
+        return (v.to(torch.float32) * self.scale).to(self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +119,20 @@ class Quantized(Compressed):
 
     def to_dense(self) -> torch.Tensor:
         step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
+        if self.device.type == "cpu":
+            # magnitudes * step (exact float32 products, as below), then the sign bit set where
+            # negative, chunk by chunk: one pass over the output, no temporaries of its size
+            out = np.empty(self.numel, dtype=np.float32)
+            mags, negative = self.magnitudes.numpy(), self.negative.numpy().view(np.uint8)
+            sign = np.empty(min(self.numel, NUMPY_CHUNK), dtype=np.uint32)
+            for start in range(0, self.numel, NUMPY_CHUNK):
+                part = out[start : start + NUMPY_CHUNK]
+                np.copyto(part, mags[start : start + NUMPY_CHUNK], casting="unsafe")
+                np.multiply(part, step.numpy(), out=part)
+                bits = sign[: part.size]
+                np.left_shift(negative[start : start + NUMPY_CHUNK], 31, out=bits, dtype=np.uint32)
+                np.bitwise_or(part.view(np.uint32), bits, out=part.view(np.uint32))
+            return torch.from_numpy(out).to(self.dtype)
         values = self.magnitudes.to(torch.float32) * step.to(self.device)
         return torch.where(self.negative, -values, values).to(self.dtype)
 
@@ -102,6 +145,10 @@ class Quantized(Compressed):
 # is 2**e with e in [-149, 127]; code = e + NATURAL_BIAS lies in [1, 277] and code 0 is zero.
 NATURAL_BIAS = 150
 NATURAL_MAX_CODE = 127 + NATURAL_BIAS
+# the float32 bits of the value of each code: 0 for code 0, else 2**(code - NATURAL_BIAS)
+_NATURAL_BITS = np.concatenate(
+    [[0.0], np.ldexp(np.float32(1.0), np.arange(1, NATURAL_MAX_CODE + 1) - NATURAL_BIAS)]
+).astype(np.float32).view(np.uint32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +162,12 @@ class Natural(Compressed):
     codes: torch.Tensor
 
     def to_dense(self) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # the float32 bits of every 2**(code - NATURAL_BIAS) from a table (exactly what exp2
+            # gives), and the sign bit where negative: two vectorised passes instead of five
+            bits = _NATURAL_BITS[self.codes.numpy().astype(np.intp)]
+            bits |= np.left_shift(self.negative.numpy().view(np.uint8), 31, dtype=np.uint32)
+            return torch.from_numpy(bits.view(np.float32)).to(self.dtype)
         exponents = self.codes.to(torch.float32) - NATURAL_BIAS
         values = torch.where(self.codes == 0, 0.0, torch.exp2(exponents))
         return torch.where(self.negative, -values, values).to(self.dtype)
@@ -132,6 +185,12 @@ class Sign(Compressed):
     negative: torch.Tensor
 
     def to_dense(self) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # the float32 bits of +-scale: the sign bit from `negative`, the rest from scale; one
+            # vectorised pass where torch.where with scalars takes several times as long
+            bits = np.left_shift(self.negative.numpy().view(np.uint8), 31, dtype=np.uint32)
+            bits |= np.float32(self.scale).view(np.uint32)
+            return torch.from_numpy(bits.view(np.float32)).to(self.dtype)
         scale = torch.tensor(self.scale, dtype=torch.float32, device=self.device)
         return torch.where(self.negative, -scale, scale).to(self.dtype)
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .base import Compressor, CompressorError, check_input, checked_peak
-from .compressed import Dense
+from .compressed import CHUNK, Dense, cpu_empty
 from .registry import register
 
 
@@ -65,7 +65,22 @@ class FP16(_Cast):
         scale = float(torch.tensor(checked_peak(x), dtype=torch.float32))
         if scale == 0.0:  # all zeros, or float64 input below float32's smallest: every value rounds to 0
             return Dense(x.numel(), x.dtype, torch.zeros_like(x, dtype=torch.float16))
-        return Dense(x.numel(), x.dtype, (x.to(torch.float32) / scale).to(torch.float16), scale)
+        if x.device.type != "cpu":
+            return Dense(x.numel(), x.dtype, (x.to(torch.float32) / scale).to(torch.float16), scale)
+        # (x.to(float32) / scale).to(float16), chunk by chunk: the same roundings without a
+        # float32 temporary of the whole vector
+        out = cpu_empty(x.numel(), torch.float16)
+        buf = torch.empty(min(CHUNK, x.numel()), dtype=torch.float32)
+        for start in range(0, x.numel(), CHUNK):
+            chunk = x[start : start + CHUNK]
+            part = buf[: chunk.numel()]
+            if x.dtype == torch.float32:
+                torch.div(chunk, scale, out=part)
+            else:
+                part.copy_(chunk)
+                part.div_(scale)
+            out[start : start + CHUNK].copy_(part)
+        return Dense(x.numel(), x.dtype, out, scale)
 
     def eta(self, d: int) -> float:
         # normal fp16 values err by at most 2**-11 relative; values below 2**-14 (relative to

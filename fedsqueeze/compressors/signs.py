@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from .base import Compressor, check_input
-from .compressed import Sign
+from .base import Compressor, check_input, checked_peak
+from .compressed import Sign, cpu_empty
 from .registry import register
 
 
@@ -39,13 +39,15 @@ class ScaledSign(Compressor):
     deterministic = True
 
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Sign:
-        x = check_input(x)
+        x = check_input(x, finite=False)
         d = x.numel()
-        peak = float(torch.linalg.vector_norm(x, ord=math.inf)) if d else 0.0
+        peak = checked_peak(x)  # max|x| exactly, and the finiteness check of check_input
         if peak == 0.0:
             scale = 0.0
         else:  # divide by the peak first so that the sum cannot overflow
-            scale = peak * float(torch.linalg.vector_norm(x / peak, ord=1)) / d
+            unit = cpu_empty(d, x.dtype) if x.device.type == "cpu" else torch.empty_like(x)
+            # torch's own norm: its float32 accumulation decides the scale's bits, kept as they were
+            scale = peak * float(torch.linalg.vector_norm(torch.div(x, peak, out=unit), ord=1)) / d
         return Sign(d, x.dtype, float(np.float32(scale)), x < 0)
 
     def eta(self, d: int) -> float:

@@ -49,7 +49,12 @@ def _check_stream(data: bytes, nbits: int, what: str) -> np.ndarray:
 
 def pack_mask(mask: np.ndarray) -> bytes:
     """n booleans as n bits."""
-    return np.packbits(np.asarray(mask, dtype=bool), bitorder="little").tobytes()
+    return pack_mask_array(mask).tobytes()
+
+
+def pack_mask_array(mask: np.ndarray) -> np.ndarray:
+    """n booleans as n bits, a uint8 array (for the envelope, which copies it once)."""
+    return np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
 
 
 def unpack_mask(data: bytes, n: int, what: str = "mask") -> np.ndarray:
@@ -81,16 +86,22 @@ def uint_dtype(width: int) -> np.dtype:
 
 def pack_uint(values: np.ndarray, width: int) -> bytes:
     """Non-negative integers < 2**width as a fixed-width stream (values are not checked)."""
+    return pack_uint_array(values, width).tobytes()
+
+
+def pack_uint_array(values: np.ndarray, width: int) -> np.ndarray:
+    """pack_uint as a contiguous array (for the envelope, which copies it once); it may share
+    memory with `values`."""
     values = np.asarray(values).ravel()
     n = values.size
     if width == 0 or n == 0:
-        return b""
+        return np.zeros(0, dtype=np.uint8)
     if not 0 < width <= 64:
         raise PayloadError(f"bit width {width} outside [0, 64]")
     if width in (8, 16, 32, 64):
-        return values.astype(f"<u{width // 8}", copy=False).tobytes()
+        return np.ascontiguousarray(values.astype(f"<u{width // 8}", copy=False))
     if width == 1:
-        return np.packbits(values.astype(bool, copy=False), bitorder="little").tobytes()
+        return np.packbits(values.astype(bool, copy=False), bitorder="little")
     if width in (2, 4):
         per = 8 // width
         v = values.astype(np.uint8, copy=False)
@@ -100,7 +111,7 @@ def pack_uint(values: np.ndarray, width: int) -> bytes:
         out = v[:, 0].copy()
         for j in range(1, per):
             out |= v[:, j] << np.uint8(j * width)
-        return out.tobytes()
+        return out
     # general widths: 8 values fill exactly `width` bytes, so byte t of a group always takes the
     # same bits of the same values; build the bytes column by column from those fixed overlaps
     work = _work_dtype(width)
@@ -115,7 +126,7 @@ def pack_uint(values: np.ndarray, width: int) -> bytes:
             col = v[:, j] << work.type(shift) if shift >= 0 else v[:, j] >> work.type(-shift)
             acc = col if acc is None else acc | col
         out[:, t] = acc  # keeps the low 8 bits
-    return out.tobytes()[: nbytes(n * width)]
+    return out.reshape(-1)[: nbytes(n * width)]
 
 
 def _work_dtype(width: int) -> np.dtype:

@@ -30,9 +30,10 @@ from ..compressors.compressed import (
     shared_indices,
 )
 from ..protos.fedsqueeze.v1 import payload_pb2 as pb
-from .bits import pack_mask, pack_uint, unpack_mask, unpack_uint
+from .bits import pack_mask_array, pack_uint_array, unpack_mask, unpack_uint
+from .envelope import collecting, parse, put_bytes, serialize
 from .errors import PayloadError
-from .floats import VALUE_CODES, bytes_tensor, check_scale, code_dtype, dtype_code, tensor_bytes
+from .floats import VALUE_CODES, bytes_tensor, check_scale, code_dtype, dtype_code, tensor_buffer
 from .indices import decode_index_set, plan_index_set, write_index_set
 from .ints import IntPlan, plan_ints, read_ints, write_ints
 
@@ -55,9 +56,10 @@ def encode(c: Compressed) -> bytes:
     if not isinstance(c, Compressed):
         raise PayloadError(f"cannot encode {type(c).__name__}: expected a Compressed payload")
     n = _numel(c)
-    msg = pb.Payload(version=WIRE_VERSION, numel=n, dtype=dtype_code(c.dtype, "payload dtype"))
-    _encode_body(c, msg, n, 1)
-    return msg.SerializeToString()
+    with collecting():  # the large bytes fields go straight into the output (envelope.py)
+        msg = pb.Payload(version=WIRE_VERSION, numel=n, dtype=dtype_code(c.dtype, "payload dtype"))
+        _encode_body(c, msg, n, 1)
+        return serialize(msg)
 
 
 def decode(data: bytes, numel: int) -> Compressed:
@@ -84,7 +86,8 @@ def _decode(data: bytes, numel: int) -> Compressed:
     limit = MAX_BYTES_PER_COORDINATE * numel + MAX_FIXED_OVERHEAD
     if len(data) > limit:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the {limit} bytes any {numel}-element payload needs")
-    msg = pb.Payload.FromString(data)
+    # payloads as encode writes them are read without copies; protobuf parses anything else
+    msg = parse(data, pb.Payload.DESCRIPTOR) or pb.Payload.FromString(data)
     if msg.version != WIRE_VERSION:
         raise PayloadError(f"wire version {msg.version} is not supported (this is version {WIRE_VERSION})")
     if msg.numel != numel:
@@ -93,6 +96,7 @@ def _decode(data: bytes, numel: int) -> Compressed:
 
 
 def _as_bytes(data) -> bytes:
+    # mutable buffers are copied: decoded arrays may be made from read-only views of these bytes
     if isinstance(data, bytes):
         return data
     if isinstance(data, (bytearray, memoryview)):
@@ -212,7 +216,7 @@ def _encode_dense(c: Dense, body, n: int, depth: int) -> None:
     if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.numel() != n:
         raise PayloadError(f"dense values: expected a 1-D tensor of {n} elements")
     body.precision = dtype_code(v.dtype, "dense values dtype")
-    body.values = tensor_bytes(v, "dense values")
+    put_bytes(body, "values", tensor_buffer(v, "dense values"))
     scale = check_scale(getattr(c, "scale", 1.0), "dense")
     if scale != 1.0:
         body.scale = scale
@@ -287,7 +291,7 @@ def _encode_quantized(c: Quantized, body, n: int, depth: int) -> None:
         _max_checked(mags, int(s), "quantized magnitudes")
     plan = plan_ints(mags)
     write_ints(plan, body.magnitudes)
-    body.negative = pack_mask(_nonzero_signs(negative, plan))
+    put_bytes(body, "negative", pack_mask_array(_nonzero_signs(negative, plan)))
 
 
 def _decode_quantized(body, n: int, dtype: torch.dtype, depth: int) -> Quantized:
@@ -332,9 +336,9 @@ def _encode_natural(c: Natural, body, n: int, depth: int) -> None:
     value_hist[1:] = hist[symbols]
     plan = plan_ints(values, hist=value_hist)
     body.symbol_count = symbols.size
-    body.symbols = pack_uint(symbols, _SYMBOL_BITS)
+    put_bytes(body, "symbols", pack_uint_array(symbols, _SYMBOL_BITS))
     write_ints(plan, body.values)
-    body.negative = pack_mask(_nonzero_signs(negative, plan))
+    put_bytes(body, "negative", pack_mask_array(_nonzero_signs(negative, plan)))
 
 
 def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
@@ -358,7 +362,7 @@ def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
 
 def _encode_sign(c: Sign, body, n: int, depth: int) -> None:
     body.scale = check_scale(c.scale, "sign")
-    body.negative = pack_mask(_vector(c.negative, n, "sign negative", "bool"))
+    put_bytes(body, "negative", pack_mask_array(_vector(c.negative, n, "sign negative", "bool")))
 
 
 def _decode_sign(body, n: int, dtype: torch.dtype, depth: int) -> Sign:
@@ -399,8 +403,8 @@ def _encode_low_rank(c: LowRank, body, n: int, depth: int) -> None:
         spans.append((offset, offset + rows * cols))
         blk = body.blocks.add()
         blk.offset, blk.rows, blk.cols, blk.rank = offset, rows, cols, rank
-        blk.p = tensor_bytes(b.p.reshape(-1), f"{what} p")
-        blk.q = tensor_bytes(b.q.reshape(-1), f"{what} q")
+        put_bytes(blk, "p", tensor_buffer(b.p.reshape(-1), f"{what} p"))
+        put_bytes(blk, "q", tensor_buffer(b.q.reshape(-1), f"{what} q"))
     covered = _check_spans(spans, "low-rank")
     _encode_nested(c.rest, body.rest, c.dtype, n - covered, depth, "low-rank rest")
 

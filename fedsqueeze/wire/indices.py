@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rice
-from .bits import as_uint8, nbytes, one_positions, pack_mask, popcount
+from .bits import as_uint8, nbytes, one_positions, pack_mask_array, popcount
+from .envelope import put_bytes
 from .errors import PayloadError
 
 
@@ -89,12 +90,14 @@ def write_index_set(
         if mask is None:
             mask = np.zeros(n, dtype=bool)
             mask[indices] = True
-        msg.bitmap = pack_mask(mask)
+        put_bytes(msg, "bitmap", pack_mask_array(mask))
         return
     target = getattr(msg, plan.coding)
     target.SetInParent()
     target.k = plan.rice.k
-    target.unary, target.remainders = rice.encode(plan.gaps, plan.rice.k)
+    unary, remainders = rice.encode_arrays(plan.gaps, plan.rice.k)
+    put_bytes(target, "unary", unary)
+    put_bytes(target, "remainders", remainders)
 
 
 def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.ndarray:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import rice
-from .bits import nbytes, pack_uint, uint_dtype, unpack_uint
+from .bits import nbytes, pack_uint_array, uint_dtype, unpack_uint
+from .envelope import put_bytes
 from .errors import PayloadError
 from .indices import (
     IndexPlan,
@@ -124,11 +125,13 @@ def write_ints(plan: IntPlan, msg) -> None:
     if plan.form == "fixed":
         msg.fixed.SetInParent()
         msg.fixed.width = plan.width
-        msg.fixed.data = pack_uint(plan.values, plan.width)
+        put_bytes(msg.fixed, "data", pack_uint_array(plan.values, plan.width))
     elif plan.form == "rice":
         msg.rice.SetInParent()
         msg.rice.k = plan.rice.k
-        msg.rice.unary, msg.rice.remainders = rice.encode(plan.values, plan.rice.k, plan.width_max)
+        unary, remainders = rice.encode_arrays(plan.values, plan.rice.k, plan.width_max)
+        put_bytes(msg.rice, "unary", unary)
+        put_bytes(msg.rice, "remainders", remainders)
     else:
         sp = msg.sparse
         sp.SetInParent()

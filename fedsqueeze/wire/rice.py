@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bits import as_uint8, nbytes, one_positions, pack_uint, popcount, unpack_uint
+from .bits import as_uint8, nbytes, one_positions, pack_uint_array, popcount, unpack_uint
 from .errors import PayloadError
 
 # beyond this k the quotients of int64 values are 0 and a bigger k only costs more
@@ -80,10 +80,17 @@ def plan_from_histogram(hist: np.ndarray) -> RicePlan:
 def encode(values: np.ndarray, k: int, max_value: int | None = None) -> tuple[bytes, bytes]:
     """The unary and remainder streams of non-negative integers with parameter k (max_value, if
     given, bounds the values)."""
+    unary, remainders = encode_arrays(values, k, max_value)
+    return unary.tobytes(), remainders.tobytes()
+
+
+def encode_arrays(values: np.ndarray, k: int, max_value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`encode` as two uint8 arrays (for the envelope, which copies them once)."""
     values = np.asarray(values)
     n = values.size
+    empty = np.zeros(0, dtype=np.uint8)
     if n == 0:
-        return b"", b""
+        return empty, empty
     if max_value is None:
         max_value = int(values.max())
     # one-bit positions fit in int32 for streams under 2**31 bits: half the memory traffic
@@ -98,8 +105,8 @@ def encode(values: np.ndarray, k: int, max_value: int | None = None) -> tuple[by
     bits = np.zeros(int(ends[-1]), dtype=bool)
     ends -= 1
     bits[ends] = True
-    unary = np.packbits(bits, bitorder="little").tobytes()
-    remainders = pack_uint(values & values.dtype.type((1 << k) - 1), k) if k else b""
+    unary = np.packbits(bits, bitorder="little")
+    remainders = pack_uint_array(values & values.dtype.type((1 << k) - 1), k) if k else empty
     return unary, remainders
 
 
