@@ -222,8 +222,22 @@ def flower_worker(spec: dict) -> dict:  # type: ignore[type-arg]
 
 
 # ---- the driver -------------------------------------------------------------------------------
-def run_sub(mode: str, spec: dict, timeout: float) -> dict:  # type: ignore[type-arg]
-    """Run one spec in a fresh Python process; its last stdout line is the JSON result."""
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_sub(mode: str, spec: dict, timeout: float, rss_cap_mb: float) -> dict:  # type: ignore[type-arg]
+    """Run one spec in a fresh Python process; its last stdout line is the JSON result.
+
+    The process is stopped (and the row says so) if its RSS goes over `rss_cap_mb`, so that a config
+    whose memory grows with the number of clients cannot take the machine down."""
     with tempfile.TemporaryDirectory(prefix="fedsqueeze-bench-flwr-") as home:
         env = {
             **os.environ,
@@ -233,13 +247,25 @@ def run_sub(mode: str, spec: dict, timeout: float) -> dict:  # type: ignore[type
             "FLWR_TELEMETRY_ENABLED": "0",
             "RAY_DISABLE_USAGE_STATS": "1",
         }
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(spec)],
-            capture_output=True, text=True, env=env, cwd=home, timeout=timeout,
-        )  # fmt: skip
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['name']} ({mode}) failed with code {done.returncode}:\n{done.stderr[-4000:]}")
+        out_path, err_path = Path(home) / "stdout", Path(home) / "stderr"
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(spec)],
+                stdout=out, stderr=err, text=True, env=env, cwd=home,
+            )  # fmt: skip
+            deadline, seen = time.monotonic() + timeout, 0.0
+            while proc.poll() is None:
+                seen = max(seen, rss_mb(proc.pid))
+                if seen > rss_cap_mb or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    why = f"RSS over {rss_cap_mb:,.0f} MB" if seen > rss_cap_mb else f"over {timeout:.0f} s"
+                    return {**spec, "stopped": why, "peak_rss_mb": seen}
+                time.sleep(0.2)
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{spec['name']} ({mode}) failed with code {proc.returncode}:\n{stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -261,6 +287,9 @@ HEADER = "| config | steps | clients | plain ms | round ms | x plain | fw ms/cr 
 
 
 def table_row(row: dict) -> str:  # type: ignore[type-arg]
+    if "stopped" in row:
+        return (f"| `{row['name']}` | {row['steps']} | {row['clients']} | stopped: {row['stopped']} "
+                f"| | | | | > {fmt(row['peak_rss_mb'], 0)} | |")  # fmt: skip
     clients = f"{row['cohort']}/{row['clients']}" if row["cohort"] != row["clients"] else str(row["clients"])
     cells = [
         f"`{row['name']}`", str(row["steps"]), clients, fmt(row["plain_s"] * 1e3), fmt(row["round_s"] * 1e3),
@@ -289,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     parser.add_argument("--scale", default=",".join(SCALE), help="memory-at-scale runs to do, comma-separated")
     parser.add_argument("--no-flower", action="store_true", help="skip the stock Flower (Ray) reference")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
+    parser.add_argument("--rss-cap-mb", type=float, default=12000.0, help="stop a subprocess whose RSS goes over this")
     parser.add_argument("--out", default=str(HERE / "results" / "round.json"))
     args = parser.parse_args(argv)
 
@@ -309,24 +339,27 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     for k in steps:
         for name in names:
-            row = run_sub("--worker", {**base, "name": name, "keys": CONFIGS[name], "steps": k}, args.timeout)
+            row = run_sub("--worker", {**base, "name": name, "keys": CONFIGS[name], "steps": k}, args.timeout, args.rss_cap_mb)
             rows.append(row)
             print(table_row(row), flush=True)
     for name in scale:
         keys, clients, _, rounds, examples = SCALE[name]
         spec = {**base, "name": name, "keys": keys, "steps": SCALE_STEPS, "clients": clients,
                 "examples": examples, "rounds": rounds or args.rounds}  # fmt: skip
-        row = run_sub("--worker", spec, args.timeout)
+        row = run_sub("--worker", spec, args.timeout, args.rss_cap_mb)
         rows.append(row)
         print(table_row(row), flush=True)
     if not args.no_flower:
         for k in steps:
-            flower.append(run_sub("--flower-worker", {**base, "name": "stock-flower", "steps": k}, args.timeout))
+            flower.append(run_sub("--flower-worker", {**base, "name": "stock-flower", "steps": k}, args.timeout, args.rss_cap_mb))
         print()
         print("| steps | stock Flower round ms | fedsqueeze identity round ms | in-process / stock | target |")
         print("|---|---:|---:|---:|---|")
         for ref in flower:
-            ident = next((r for r in rows if r["name"] == "identity" and r["steps"] == ref["steps"]), None)
+            if "stopped" in ref:
+                print(f"| {ref['steps']} | stopped: {ref['stopped']} | | | |")
+                continue
+            ident = next((r for r in rows if r["name"] == "identity" and r["steps"] == ref["steps"] and "round_s" in r), None)
             ratio = ident["round_s"] / ref["round_median_s"] if ident else math.nan
             mine = fmt(ident["round_s"] * 1e3) if ident else "n/a"
             verdict = "n/a" if not math.isfinite(ratio) else ("met" if ratio <= 1.0 else "MISSED")
