@@ -152,6 +152,7 @@ def task_ref(model: dict[str, int], examples: int) -> str:
 def worker(spec: dict) -> dict:  # type: ignore[type-arg]
     """One config: fedsqueeze run, peak RSS, plain steps, clone unit (see the module docstring)."""
     import big_task
+
     from fedsqueeze.config import Config
     from fedsqueeze.simulation.runner import simulate
 
@@ -339,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     for k in steps:
         for name in names:
-            row = run_sub("--worker", {**base, "name": name, "keys": CONFIGS[name], "steps": k}, args.timeout, args.rss_cap_mb)
+            spec = {**base, "name": name, "keys": CONFIGS[name], "steps": k}
+            row = run_sub("--worker", spec, args.timeout, args.rss_cap_mb)
             rows.append(row)
             print(table_row(row), flush=True)
     for name in scale:
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
         print(table_row(row), flush=True)
     if not args.no_flower:
         for k in steps:
-            flower.append(run_sub("--flower-worker", {**base, "name": "stock-flower", "steps": k}, args.timeout, args.rss_cap_mb))
+            spec = {**base, "name": "stock-flower", "steps": k}
+            flower.append(run_sub("--flower-worker", spec, args.timeout, args.rss_cap_mb))
         print()
         print("| steps | stock Flower round ms | fedsqueeze identity round ms | in-process / stock | target |")
         print("|---|---:|---:|---:|---|")
@@ -359,12 +362,14 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
             if "stopped" in ref:
                 print(f"| {ref['steps']} | stopped: {ref['stopped']} | | | |")
                 continue
-            ident = next((r for r in rows if r["name"] == "identity" and r["steps"] == ref["steps"] and "round_s" in r), None)
+            same = [r for r in rows if r["name"] == "identity" and r["steps"] == ref["steps"] and "round_s" in r]
+            ident = same[0] if same else None
             ratio = ident["round_s"] / ref["round_median_s"] if ident else math.nan
             mine = fmt(ident["round_s"] * 1e3) if ident else "n/a"
             verdict = "n/a" if not math.isfinite(ratio) else ("met" if ratio <= 1.0 else "MISSED")
             ref["inprocess_over_stock"] = ratio
-            print(f"| {ref['steps']} | {fmt(ref['round_median_s'] * 1e3)} | {mine} | {fmt(ratio, 2)} | <= 1.00: {verdict} |")
+            stock = fmt(ref["round_median_s"] * 1e3)
+            print(f"| {ref['steps']} | {stock} | {mine} | {fmt(ratio, 2)} | <= 1.00: {verdict} |")
 
     import torch
 

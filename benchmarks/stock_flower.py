@@ -17,14 +17,13 @@ import functools
 import time
 from typing import Any
 
+import big_task
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-
-import big_task
 
 
 @functools.lru_cache(maxsize=2)
@@ -109,7 +108,8 @@ def run(num_clients: int, rounds: int, steps: int, batch: int, lr: float, seed: 
 
         strategy = TimedFedAvg(starts, fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=num_clients,
                                min_train_nodes=num_clients)  # fmt: skip
-        config = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, **{f"model-{k}": v for k, v in model_opts.items()}}
+        config = {"steps": steps, "batch": batch, "lr": lr, "seed": seed}
+        config.update({f"model-{k}": v for k, v in model_opts.items()})
         strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=rounds, train_config=ConfigRecord(config),
                        evaluate_fn=evaluate)  # fmt: skip
 
@@ -120,8 +120,10 @@ def run(num_clients: int, rounds: int, steps: int, batch: int, lr: float, seed: 
         server_app=server,
         client_app=make_client_app(),
         num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"include_dashboard": False, "log_to_driver": False}},  # fmt: skip
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": False},
+        },
     )
     wall = time.perf_counter() - t0
     round_s = [ends[r] - starts[r] for r in sorted(starts) if r in ends]
