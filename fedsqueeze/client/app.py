@@ -8,6 +8,8 @@ Messages (the contract with `fedsqueeze.server.app`):
                               ConfigRecord "config"                       MetricRecord "metrics"
                               {server-round, ...}      {num-examples, train-loss, compression-error,
                                                         partition-id}
+    query.calibrate  server -> client: ArrayRecord "model"  client -> server: ArrayRecord "stats"
+                     (fedsqueeze prune; the contract is in fedsqueeze.pruning.protocol)
 
 Every payload is `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by
 its group (see `fedsqueeze.algorithms.updates`); `len(data)` is what crossed the wire. The run
@@ -50,6 +52,17 @@ def query(msg: Message, context: Context) -> Message:
     client = client_for(_config(context), partition_id(context))
     info = MetricRecord({"partition-id": client.partition_id, "num-examples": client.num_examples})
     return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+# ---- calibration for post-training pruning (fedsqueeze prune) ---------------------------------------
+
+
+@app.query("calibrate")
+def calibrate(msg: Message, context: Context) -> Message:
+    """This partition's calibration statistics for the model in the message (fedsqueeze.pruning)."""
+    from .calibration import calibration_reply
+
+    return Message(calibration_reply(msg, _config(context), partition_id(context)), reply_to=msg)
 
 
 @app.train()
