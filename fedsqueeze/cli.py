@@ -300,7 +300,9 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", required=True, choices=("magnitude", "wanda", "ria", "symwanda"))
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1) (default 0.5)")
     p.add_argument("--nm", metavar="N:M", help="keep N of every M consecutive weights of a row, e.g. 2:4")
-    p.add_argument("--group", choices=("row", "layer"), help="comparison group (default: wanda/symwanda row, else layer)")
+    p.add_argument(
+        "--group", choices=("row", "layer"), help="comparison group (default: wanda/symwanda row, else layer)"
+    )
     p.add_argument(
         "--calibration-rounds",
         default="1",
@@ -372,6 +374,7 @@ def _print_prune(rep: dict[str, Any]) -> None:
 
 def _fmt_acc(a: float | None) -> str:
     return "-" if a is None else f"{a:.4f}"
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Array
@@ -25,6 +24,7 @@ from fedsqueeze.pruning import (
     n_of_m,
     pack_model,
     packed_size,
+    packing,
     parse_nm,
     prunable_layers,
     prune,
@@ -32,7 +32,6 @@ from fedsqueeze.pruning import (
     unpack_model,
     unstructured,
 )
-from fedsqueeze.pruning import packing
 from fedsqueeze.pruning.driver import calibration_groups
 from fedsqueeze.server.calibration import flower_asker, model_record, record_bytes
 from fedsqueeze.simulation.grid import InProcessGrid, task_identity
@@ -199,7 +198,8 @@ def test_packed_model_round_trips_through_a_file(tmp_path, task):
     packed = pack_model(state, res.masks, nm_layers=res.nm_layers)
     dense = sum(v.numel() * v.element_size() for k, v in state.items() if k not in res.masks)
     formula = sum(
-        packed_size(state[k].numel(), state[k].shape[0], int(m.sum()), nm=res.nm_layers.get(k)) for k, m in res.masks.items()
+        packed_size(state[k].numel(), state[k].shape[0], int(m.sum()), nm=res.nm_layers.get(k))
+        for k, m in res.masks.items()
     )
     assert packed.nbytes == dense + formula
     packing.save(packed, tmp_path / "p.pt")
@@ -221,7 +221,9 @@ def test_sequential_calibration_uses_the_pruned_upstream_layers(task):
     # by hand: prune layer 1 from dense statistics, then layer 2 from statistics of that model
     first = prune(model, PruneSpec("wanda", 0.5, exclude=("features.3", "classifier")), local_asker(x))
     stats2 = collect(first.model, x, ["features.3"])
-    by_hand = unstructured(score("wanda", first.model.features[3].weight.reshape(32, -1), stats2.layers["features.3"]), 0.5)
+    by_hand = unstructured(
+        score("wanda", first.model.features[3].weight.reshape(32, -1), stats2.layers["features.3"]), 0.5
+    )
     assert torch.equal(seq.masks["features.3.weight"], by_hand)
     one_shot = prune(model, PruneSpec("wanda", 0.5), local_asker(x))
     assert len(one_shot.exchanges) == 1 and not torch.equal(one_shot.masks["features.3.weight"], by_hand)

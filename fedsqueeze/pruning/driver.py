@@ -64,7 +64,9 @@ class PruneSpec:
             raise PruneError(f"unknown pruning method {self.method!r}; valid: {', '.join(METHODS)}")
         check_sparsity(self.sparsity)
         if self.nm is not None and abs(self.sparsity - self.nm.sparsity) > 1e-12:
-            raise PruneError(f"{self.nm} sparsity is {self.nm.sparsity:g}, but sparsity {self.sparsity:g} was asked for")
+            raise PruneError(
+                f"{self.nm} sparsity is {self.nm.sparsity:g}, but sparsity {self.sparsity:g} was asked for"
+            )
         if self.group not in (None, "row", "layer"):
             raise PruneError(f"unknown comparison group {self.group!r}; valid: row, layer")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
@@ -180,7 +182,9 @@ def prune(model: nn.Module, spec: PruneSpec, ask: Asker | None = None, *, stats:
             key = f"{name}.weight"
             if spec.nm is not None:
                 if not nm_applies(w.shape[1], spec.nm):
-                    reports.append(_report(name, module, None, f"dense ({w.shape[1]} columns, not a multiple of {spec.nm.m})"))
+                    reports.append(
+                        _report(name, module, None, f"dense ({w.shape[1]} columns, not a multiple of {spec.nm.m})")
+                    )
                     continue
                 mask = n_of_m(s, spec.nm)
                 nm_layers[key] = spec.nm

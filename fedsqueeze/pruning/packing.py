@@ -174,7 +174,10 @@ def pack_model(
         else:
             data = t.detach().contiguous().cpu()
             out[key] = PackedTensor(
-                tuple(t.shape), "dense", str(t.dtype).removeprefix("torch."), data.reshape(-1).view(torch.uint8).numpy().tobytes()
+                tuple(t.shape),
+                "dense",
+                str(t.dtype).removeprefix("torch."),
+                data.reshape(-1).view(torch.uint8).numpy().tobytes(),
             )
     return PackedModel(out)
 

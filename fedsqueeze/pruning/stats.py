@@ -38,7 +38,9 @@ class LayerStats:
 
     def __add__(self, other: LayerStats) -> LayerStats:
         if self.in_sq.shape != other.in_sq.shape or (self.out_sq is None) != (other.out_sq is None):
-            raise PruneError(f"statistics of different shapes: {tuple(self.in_sq.shape)} and {tuple(other.in_sq.shape)}")
+            raise PruneError(
+                f"statistics of different shapes: {tuple(self.in_sq.shape)} and {tuple(other.in_sq.shape)}"
+            )
         out = None if self.out_sq is None or other.out_sq is None else self.out_sq + other.out_sq
         return LayerStats(self.in_sq + other.in_sq, out, self.positions + other.positions)
 
@@ -137,7 +139,7 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if padding == "valid":
             padding = 0
         else:  # "same", stride 1: symmetric when every dilation * (k - 1) is even
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
             if any(t % 2 for t in total):
                 raise PruneError(f"padding='same' with an even kernel is not supported ({module})")
             padding = tuple(t // 2 for t in total)
@@ -200,4 +202,6 @@ def collect(
 
 def _empty(module: nn.Module, outputs: bool) -> LayerStats:
     rows, cols = weight_matrix(module).shape
-    return LayerStats(torch.zeros(cols, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64) if outputs else None, 0)
+    return LayerStats(
+        torch.zeros(cols, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64) if outputs else None, 0
+    )

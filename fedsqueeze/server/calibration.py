@@ -26,7 +26,9 @@ log = logging.getLogger("fedsqueeze.server")
 
 def model_record(model: nn.Module) -> ArrayRecord:
     """The model's state_dict as float32 Arrays."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().float().numpy())) for k, v in model.state_dict().items()})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v.detach().cpu().float().numpy())) for k, v in model.state_dict().items()}
+    )
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from fedsqueeze.pruning import PruneSpec, pack_model, prune, unpack_model
-from fedsqueeze.pruning import packing
+from fedsqueeze.pruning import PruneSpec, pack_model, packing, prune, unpack_model
 from fedsqueeze.pruning.load import evaluate, load_run
 
 from .grid import InProcessGrid, task_identity
