@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,3 +308,9 @@ def test_prune_command_errors(run_dir, tmp_path, capsys):
     assert "[0, 1)" in err()
     assert main(["prune", str(run_dir), "--method", "wanda", "--calibration-rounds", "9"]) == 2
     assert "between 1 and 2" in err()
+
+
+def test_the_pruning_package_imports_no_flower():
+    code = "import sys, fedsqueeze.pruning, fedsqueeze.pruning.load; assert 'flwr' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
