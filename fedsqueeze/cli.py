@@ -358,6 +358,9 @@ def _print_prune(rep: dict[str, Any]) -> None:
     for i in range(len(acc["before"]["clients"])):
         table.add_row(f"client {i}", *(_fmt_acc(a["clients"][i]) for _, a in columns))
     console.print(table)
+    for layer in rep["layers"]:
+        if layer["pattern"].startswith("dense"):
+            console.print(f"left dense: {layer['name']} {layer['pattern'].removeprefix('dense ')}", highlight=False)
     size = rep["size"]
     line = f"model: dense {size['dense_bytes']:,} B, packed {size['packed_bytes']:,} B"
     if "packed_int8_bytes" in size:
