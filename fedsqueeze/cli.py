@@ -4,6 +4,7 @@
     fedsqueeze report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-accuracy A]
     fedsqueeze demo [--out-dir DIR] [--backend inprocess|ray]
     fedsqueeze keys DIR --nodes N [--san HOST_OR_IP ...] [--force]
+    fedsqueeze prune RUN_DIR --method magnitude|wanda|ria|symwanda [--sparsity S] [--nm N:M] [--int8]
 
 `simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C stops the
 run cleanly and keeps every round already written to the run directory. Configuration errors are
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--force", action="store_true", help="replace existing files")
     keys.set_defaults(func=cmd_keys)
+    prune_cmd = sub.add_parser("prune", help="prune a finished run's model, calibrated on the clients' data")
+    _prune_arguments(prune_cmd)
+    prune_cmd.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -286,6 +290,93 @@ def cmd_keys(args: argparse.Namespace) -> int:
     for i, key in enumerate(creds.node_keys):
         console.print(f"node {i + 1}: {key} (register {creds.public_key(i)})", highlight=False)
     return 0
+
+
+# ---- prune ---------------------------------------------------------------------------------------
+
+
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (config.toml and model.pt)")
+    p.add_argument("--method", "-m", required=True, choices=("magnitude", "wanda", "ria", "symwanda"))
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1) (default 0.5)")
+    p.add_argument("--nm", metavar="N:M", help="keep N of every M consecutive weights of a row, e.g. 2:4")
+    p.add_argument(
+        "--group", choices=("row", "layer"), help="comparison group (default: wanda/symwanda row, else layer)"
+    )
+    p.add_argument(
+        "--calibration-rounds",
+        default="1",
+        metavar="K",
+        help="1: all statistics on the dense model; K: K sequential exchanges; per-layer: one per layer",
+    )
+    p.add_argument("--calibration-samples", type=int, default=0, metavar="N", help="examples per client (0: all)")
+    p.add_argument("--int8", action="store_true", help="also write and evaluate int8 per-row weights")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layer names to keep dense")
+    p.add_argument("--out", "-o", metavar="DIR", help="where to write (default RUN_DIR/pruned-...)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from fedsqueeze.pruning import PruneError, PruneSpec, parse_nm
+    from fedsqueeze.simulation.prune import run_prune
+
+    console = _console()
+    try:
+        nm = parse_nm(args.nm) if args.nm else None
+        sparsity = args.sparsity if args.sparsity is not None else (nm.sparsity if nm else 0.5)
+        rounds_arg = str(args.calibration_rounds).strip()
+        if rounds_arg == "per-layer":
+            rounds = 0
+        elif rounds_arg.isdigit() and int(rounds_arg) >= 1:
+            rounds = int(rounds_arg)
+        else:
+            raise PruneError(f"--calibration-rounds must be a positive integer or 'per-layer', got {rounds_arg!r}")
+        if args.calibration_samples < 0:
+            raise PruneError(f"--calibration-samples must be >= 0, got {args.calibration_samples}")
+        spec = PruneSpec(args.method, sparsity, nm, args.group, rounds, tuple(args.exclude))
+        rep = run_prune(args.run_dir, spec, int8=args.int8, out=args.out, max_examples=args.calibration_samples)
+    except PruneError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return EXIT_CONFIG
+    _print_prune(rep)
+    return 0
+
+
+def _print_prune(rep: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    acc = rep["accuracy"]
+    columns = [("dense", acc["before"]), ("pruned", acc["after"])]
+    if "after_int8" in acc:
+        columns.append(("pruned int8", acc["after_int8"]))
+    table = Table(title=f"{rep['spec']['method']}: {rep['sparsity']:.1%} of the prunable weights zeroed")
+    table.add_column("test split")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    table.add_row("global", *(f"{a['global']:.4f}" for _, a in columns))
+    for i in range(len(acc["before"]["clients"])):
+        table.add_row(f"client {i}", *(_fmt_acc(a["clients"][i]) for _, a in columns))
+    console.print(table)
+    for layer in rep["layers"]:
+        if layer["pattern"].startswith("dense"):
+            console.print(f"left dense: {layer['name']} {layer['pattern'].removeprefix('dense ')}", highlight=False)
+    size = rep["size"]
+    line = f"model: dense {size['dense_bytes']:,} B, packed {size['packed_bytes']:,} B"
+    if "packed_int8_bytes" in size:
+        line += f", packed int8 {size['packed_int8_bytes']:,} B"
+    console.print(line, highlight=False)
+    cal = rep["calibration"]
+    console.print(
+        f"calibration: {cal['rounds']} exchange(s), uplink {cal['uplink_bytes']:,} B, "
+        f"downlink {cal['downlink_bytes']:,} B",
+        highlight=False,
+    )
+    console.print(f"written to {rep['out']}", highlight=False)
+
+
+def _fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{a:.4f}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """fedsqueeze's Flower ClientApp: Message in -> the engine's client half -> Message out.
 
-The message schema is `fedsqueeze.engine.protocol`. Every payload is
+The message schema is `fedsqueeze.engine.protocol`; `query.calibrate` (for `fedsqueeze prune`) has
+its contract in `fedsqueeze.pruning.protocol`. Every payload is
 `Array(dtype="uint8", shape=(n,), stype="fedsqueeze/v1", data=bytes)` keyed by its group (see
 `fedsqueeze.engine.payloads`); `len(data)` is what crossed the wire. The run configuration comes
 from `context.run_config`, the partition (and, for file-backed tasks, the device's own `data-path`)
@@ -45,6 +46,17 @@ def query(msg: Message, context: Context) -> Message:
     n = client_half(_config(context)).num_examples(pid)
     info = MetricRecord({protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: n})
     return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
+
+
+# ---- calibration for post-training pruning (fedsqueeze prune) ---------------------------------------
+
+
+@app.query("calibrate")
+def calibrate(msg: Message, context: Context) -> Message:
+    """This partition's calibration statistics for the model in the message (fedsqueeze.pruning)."""
+    from .calibration import calibration_reply
+
+    return Message(calibration_reply(msg, _config(context), partition_id(context)), reply_to=msg)
 
 
 @app.train()
