@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fedsqueeze.engine import LocalTransport, Server, run_round
 from fedsqueeze.config import Config, build_task, resolve
+from fedsqueeze.engine import LocalTransport, Server, run_round
 from fedsqueeze.simulation.runner import CLIENT_THREADS, run_inprocess, run_ray
 
 

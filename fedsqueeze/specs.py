@@ -91,4 +91,5 @@ def _literal(node: ast.expr, spec: str) -> Any:
     try:
         return ast.literal_eval(node)
     except ValueError:
-        raise SpecError(f"argument {ast.unparse(node)!r} in {spec!r} is not a number, string, list or true/false") from None
+        what = ast.unparse(node)
+        raise SpecError(f"argument {what!r} in {spec!r} is not a number, string, list or true/false") from None

@@ -1,7 +1,8 @@
 """Local training and personalisation on strongly convex logistic regression with exact optima.
 
-Driven by the float64 reference `reference.algorithms.run` (tests/reference): the same client and server halves the Flower apps call,
-in float64, full participation, no compression.
+Driven by the float64 reference `reference.algorithms.run` (tests/reference): the same client and
+server halves the Flower apps call, in float64, full participation, no compression. The last test
+checks the round engine against it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import math
 
 import pytest
 import torch
+from reference.algorithms import FlixObjective, local_optima, run, with_dtype
 
 from fedsqueeze.algorithms import AGGREGATION_WEIGHT, LocalConfig, build
 from fedsqueeze.algorithms._local import geometric, smoothness_estimate
-from reference.algorithms import FlixObjective, local_optima, run, with_dtype
 from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.tasks import build_task
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference.algorithms import run
 
 from fedsqueeze.algorithms import LocalConfig, build
-from reference.algorithms import run
 from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.tasks import build_task
 

@@ -14,8 +14,7 @@ from fedsqueeze.algorithms.lowrank import LowRank
 from fedsqueeze.client.app import app as client_app
 from fedsqueeze.client.app import load_state
 from fedsqueeze.config import ConfigError, resolve
-from fedsqueeze.engine import plan_for
-from fedsqueeze.engine import Server
+from fedsqueeze.engine import Server, plan_for
 from fedsqueeze.simulation.grid import run_inprocess
 from fedsqueeze.simulation.runner import simulate
 from fedsqueeze.tracking import load_run

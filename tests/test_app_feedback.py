@@ -13,14 +13,14 @@ import math
 import pytest
 import tomllib
 import torch
+from reference.gradient_mode import run_gradient_mode
 
 from fedsqueeze import feedback
 from fedsqueeze.compressors import build as build_compressor
 from fedsqueeze.config import ConfigError, build_task, resolve
-from fedsqueeze.feedback.theory import theory_stepsize
 from fedsqueeze.engine import LocalTransport, Server, plan_for, run_round
+from fedsqueeze.feedback.theory import theory_stepsize
 from fedsqueeze.simulation.runner import simulate
-from reference.gradient_mode import run_gradient_mode
 
 N = 20
 TASK = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedsqueeze.algorithms import LocalConfig, register
-from fedsqueeze.algorithms.base import Cohort
 from fedsqueeze.algorithms._local import cid_of
+from fedsqueeze.algorithms.base import Cohort
 from fedsqueeze.algorithms.fedavg import FedAvg
 from fedsqueeze.client.app import STATE_KEY, load_state
 from fedsqueeze.config import resolve
@@ -93,9 +93,7 @@ def test_an_algorithm_brings_its_own_sampling_and_per_client_config(tmp_path):
         run_round(server, transport, r)
         expected = [i for i in range(6) if i % 2 == r % 2]
         assert [pid for rnd, pid in transport.calls if rnd == r] == expected
-        assert {pid: c["tag"] for pid, c in transport.outboxes[r].config.items()} == {
-            i: 1000 * r + i for i in expected
-        }
+        assert {pid: c["tag"] for pid, c in transport.outboxes[r].config.items()} == {i: 1000 * r + i for i in expected}
         assert [a.metrics["tag"] for a in transport.arrivals[r]] == [1000 * r + i for i in expected]
     # the same module runs through the Flower apps by its registered name
     rows = simulate(cfg.replace(name="flower")).rows
@@ -169,8 +167,16 @@ def test_client_state_on_disk_in_simulation_gives_the_same_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec", ["topk(0.1)", "randk(0.2)", "bernoulli(0.3)", "topk(0.2) | qsgd(levels=4)", "qsgd(levels=8)", "identity",
-             "topk(k=50)"],
+    "spec",
+    [
+        "topk(0.1)",
+        "randk(0.2)",
+        "bernoulli(0.3)",
+        "topk(0.2) | qsgd(levels=4)",
+        "qsgd(levels=8)",
+        "identity",
+        "topk(k=50)",
+    ],
 )
 def test_compression_error_from_the_payload_equals_the_dense_one(spec):
     """The error of a sparse payload, from its kept coordinates alone, is ||C(v) - v||^2 / ||v||^2."""

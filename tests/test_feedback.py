@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference.gradient_mode import run_gradient_mode
 
 from fedsqueeze.compressors import build as build_compressor
 from fedsqueeze.feedback import (
@@ -25,7 +26,6 @@ from fedsqueeze.feedback import (
     theory,
 )
 from fedsqueeze.tasks import LogisticObjective, load_digits, parse_partition, partition_indices
-from reference.gradient_mode import run_gradient_mode
 
 N_CLIENTS = 20
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import LocalConfig, LossFn, derive_seed
+from .base import LocalConfig, LossFn, derive_seed, generator
 
 
 def params_of(model: nn.Module) -> list[nn.Parameter]:
@@ -180,7 +180,7 @@ def per_client(value: object, cid: int, what: str, seed: object = 0) -> float:
         m = _UNIFORM.match(value)
         if m:
             lo, hi = float(m.group(1)), float(m.group(2))
-            gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, cid, what))
+            gen = generator(seed, cid, what)
             return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
     raise ValueError(f"{what} must be a number, a list or 'uniform(lo, hi)', got {value!r}")
 

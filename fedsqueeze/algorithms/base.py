@@ -135,7 +135,7 @@ class Algorithm(ABC):
         """The global model's parameters within x (what the server evaluates and saves): x itself."""
         return x
 
-    def setup(self, task: object) -> None:
+    def setup(self, task: object) -> None:  # noqa: B027 (a hook: most algorithms need nothing)
         """Read what the algorithm needs from the task before the run (e.g. p = "theory"); nothing by default."""
 
     # ---- server-side hooks -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._local import batches, cid_of
-from .base import Algorithm, ClientOutput, LocalConfig, LossFn, derive_seed, register
+from .base import Algorithm, ClientOutput, LocalConfig, LossFn, generator, register
 from .personal import client_report
 
 
@@ -88,7 +88,7 @@ class LowRank(Algorithm):
 
     @staticmethod
     def _init_a(name: str, r: int, cols: int, who: object, dtype: torch.dtype) -> torch.Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(derive_seed("lowrank.A", who, name))
+        gen = generator("lowrank.A", who, name)
         return (torch.randn(r, cols, generator=gen, dtype=torch.float64) / math.sqrt(cols)).to(dtype)
 
     def _split(self, x: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

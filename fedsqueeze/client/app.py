@@ -141,7 +141,8 @@ def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
     arrays = {}
     for key, v in state.items():
         a = v.detach().cpu().contiguous().numpy()
-        arrays[key] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        arrays[key] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=data)
     context.state[STATE_KEY] = ArrayRecord(arrays)
 
 

@@ -146,9 +146,11 @@ class Quantized(Compressed):
 NATURAL_BIAS = 150
 NATURAL_MAX_CODE = 127 + NATURAL_BIAS
 # the float32 bits of the value of each code: 0 for code 0, else 2**(code - NATURAL_BIAS)
-_NATURAL_BITS = np.concatenate(
-    [[0.0], np.ldexp(np.float32(1.0), np.arange(1, NATURAL_MAX_CODE + 1) - NATURAL_BIAS)]
-).astype(np.float32).view(np.uint32)
+_NATURAL_BITS = (
+    np.concatenate([[0.0], np.ldexp(np.float32(1.0), np.arange(1, NATURAL_MAX_CODE + 1) - NATURAL_BIAS)])
+    .astype(np.float32)
+    .view(np.uint32)
+)
 
 
 @dataclass(frozen=True, eq=False)

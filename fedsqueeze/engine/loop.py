@@ -78,7 +78,9 @@ class Transport(Protocol):
         """Send each sampled partition its broadcast and config; return what came back."""
 
 
-def run(cfg: Config, transport: Transport, observer: Observer | None = None, server: Server | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config, transport: Transport, observer: Observer | None = None, server: Server | None = None
+) -> dict[str, Any]:
     """Run every round of `cfg` through `transport`; returns the summary. `observer(event, data)` sees progress."""
     started_at = time.time()
     server = server or Server(cfg)

@@ -97,7 +97,10 @@ class Server:
         cohort = self.algorithm.select(server_round, range(self.cfg.num_clients), self.cfg.cohort_count(), gen)
         bad = [i for i in cohort.ids if not 0 <= i < self.cfg.num_clients]
         if bad or len(set(cohort.ids)) != len(cohort.ids):
-            raise ValueError(f"{self.algorithm.name}.select returned clients {list(cohort.ids)} (0..{self.cfg.num_clients - 1}, once each)")
+            raise ValueError(
+                f"{self.algorithm.name}.select returned clients {list(cohort.ids)}: "
+                f"expected ids in 0..{self.cfg.num_clients - 1}, each once"
+            )
         return cohort
 
     def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:

@@ -33,14 +33,14 @@ from .base import (
     INIT_PARAM_HELP,
     STATE_PREFIX,
     Mechanism,
+    Message,
     Outgoing,
     Param,
     ServerHalf,
+    Sum,
     check_vector,
     choice,
     state_vector,
-    Message,
-    Sum,
 )
 from .registry import register
 

@@ -60,7 +60,8 @@ def parse_partition(spec: str | PartitionSpec) -> PartitionSpec:
         try:
             call = parse_call(str(spec), example="dirichlet(0.3)")
         except SpecError:
-            raise TaskError(f"partition {spec!r} does not parse; write e.g. 'iid', 'dirichlet(0.3)', 'shards(2)'") from None
+            example = "'iid', 'dirichlet(0.3)', 'shards(2)'"
+            raise TaskError(f"partition {spec!r} does not parse; write e.g. {example}") from None
         for value in [*call.args, *call.kwargs.values()]:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TaskError(f"partition {spec!r}: argument {value!r} is not a number")
