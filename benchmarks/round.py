@@ -62,10 +62,15 @@ CONFIGS: dict[str, dict[str, object]] = {
     "powersgd": {"rules": "*.weight=powersgd(rank=4); *.bias=identity"},
     "topk-down+ef21p": {**COMPRESSED, "downlink": "topk(0.01)", "downlink-feedback": "ef21p"},
 }
+#: a `state-dir` value the worker replaces with a folder inside its temporary output directory
+STATES = "<tmp>/states"
 #: memory-at-scale runs: (config keys, clients, cohort or None, rounds or None for --rounds, examples per client)
 SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
     "20c topk+ef21": ({**COMPRESSED, "feedback": "ef21"}, 20, None, None, 320),
-    "1000c ef21 cohort 10": ({**COMPRESSED, "feedback": "ef21", "cohort-size": 10}, 1000, 10, 2, 64),
+    # client state in files under the run's temporary folder (`state-dir`), not in memory
+    "1000c ef21 cohort 10": (
+        {**COMPRESSED, "feedback": "ef21", "cohort-size": 10, "state-dir": STATES}, 1000, 10, 2, 64
+    ),
 }
 SCALE_STEPS = 2
 TARGET_CLONES = 6.0
@@ -168,7 +173,7 @@ def worker(spec: dict) -> dict:  # type: ignore[type-arg]
             "seed": SEED,
             "out-dir": out,
             "name": "bench",
-            **spec["keys"],
+            **{k: (v.replace("<tmp>", out) if isinstance(v, str) else v) for k, v in spec["keys"].items()},
         }
         cfg = Config.from_run_config(run_config)
         t0 = time.perf_counter()

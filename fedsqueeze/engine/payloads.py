@@ -211,6 +211,8 @@ class UpdatePlan:
                 diff = c.values.to_dense().reshape(-1).to(piece.dtype) - kept
                 err += max(0.0, float(torch.dot(piece, piece)) - float(torch.dot(kept, kept)))
                 err += float(torch.dot(diff, diff))
+            elif isinstance(c, Dense) and c.scale == 1.0 and c.values.dtype == piece.dtype and _same(c.values, piece):
+                continue  # the payload holds the vector itself (identity): no error
             else:
                 diff = c.to_dense().reshape(-1).to(piece.dtype) - piece
                 err += float(torch.dot(diff, diff))
@@ -228,3 +230,8 @@ class UpdatePlan:
         return [
             {"key": g.key, "spec": g.spec, "numel": g.numel, "tensors": [s.name for s in g.slots]} for g in self.groups
         ]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same memory (a payload that carries its input without a copy)."""
+    return a.numel() == b.numel() and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
