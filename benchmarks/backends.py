@@ -33,7 +33,7 @@ from fedsqueeze.simulation.runner import CLIENT_THREADS, run_inprocess, run_ray
 
 
 def local_compute(cfg: Config) -> list[float]:
-    """Seconds of client work per round, with no Flower (a fresh coordinator replays the rounds).
+    """Seconds of client work per round, with no Flower (the engine replays the rounds through its local transport).
 
     One torch thread, as both backends give each client call."""
     threads = torch.get_num_threads()

@@ -69,7 +69,11 @@ SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
     "20c topk+ef21": ({**COMPRESSED, "feedback": "ef21"}, 20, None, None, 320),
     # client state in files under the run's temporary folder (`state-dir`), not in memory
     "1000c ef21 cohort 10": (
-        {**COMPRESSED, "feedback": "ef21", "cohort-size": 10, "state-dir": STATES}, 1000, 10, 2, 64
+        {**COMPRESSED, "feedback": "ef21", "cohort-size": 10, "state-dir": STATES},
+        1000,
+        10,
+        2,
+        64,
     ),
 }
 SCALE_STEPS = 2

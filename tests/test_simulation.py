@@ -118,11 +118,11 @@ def test_rules_and_threshold_make_one_payload_per_group(tmp_path):
 
 def test_rule_matching_no_parameter_is_a_config_error(tmp_path):
     from fedsqueeze.config import ConfigError
-    from fedsqueeze.engine import Server as Coordinator
+    from fedsqueeze.engine import Server
 
     cfg = _cfg(tmp_path, "rules=fc9.weight=topk(0.1)")
     with pytest.raises(ConfigError, match="matches no parameter") as info:
-        Coordinator(cfg)
+        Server(cfg)
     assert "net.1.weight" in str(info.value)
 
 
@@ -137,13 +137,13 @@ def test_same_config_same_metrics(tmp_path):
 
 def test_cohort_sampling_is_seeded_by_round(tmp_path):
     cfg = _cfg(tmp_path, "num-clients=6", "cohort-size=2", "rounds=4")
-    from fedsqueeze.engine import Server as Coordinator
+    from fedsqueeze.engine import Server
 
-    coord = Coordinator(cfg)
-    picks = [coord.sample(range(6), r) for r in range(1, 5)]
+    coord = Server(cfg)
+    picks = [list(coord.select(r).ids) for r in range(1, 5)]
     assert all(len(p) == 2 and p == sorted(p) for p in picks)
     assert len({tuple(p) for p in picks}) > 1
-    assert picks == [Coordinator(cfg).sample(range(6), r) for r in range(1, 5)]
+    assert picks == [list(Server(cfg).select(r).ids) for r in range(1, 5)]
     rows = simulate(cfg).rows
     assert [r["clients_sampled"] for r in rows] == [2, 2, 2, 2]
 

@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedsqueeze.seeding import derive_seed, generator
+from fedsqueeze.seeding import derive_seed, generator  # noqa: F401 (the algorithms' seeding, re-exported)
 from fedsqueeze.specs import SpecError, parse_call
 
 Scalar = bool | int | float | str
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-__all__ = ["derive_seed", "generator"]
 
 
 @dataclass(frozen=True)

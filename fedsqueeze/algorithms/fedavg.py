@@ -76,4 +76,6 @@ class FedAvg(Algorithm):
     ) -> ClientOutput:
         train = data.train  # type: ignore[attr-defined]  # fedsqueeze.tasks.ClientData
         local, loss = local_sgd(x, model, train.x, train.y, loss_fn, cfg)
-        return ClientOutput(update=local - x, num_examples=len(train.y), train_loss=loss)
+        # in place: `local` is this call's own buffer (the model's parameters are views into it and
+        # are loaded afresh by the next call), so the delta needs no second d-vector
+        return ClientOutput(update=local.sub_(x), num_examples=len(train.y), train_loss=loss)

@@ -128,7 +128,7 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
     t0 = time.perf_counter()
     cfg = server.cfg
-    chosen = server.sample(range(cfg.num_clients), server_round)
+    chosen = sorted(server.select(server_round).ids)
     outbox = server.broadcast(server_round, chosen)
     exchange = transport.exchange(server_round, outbox, chosen)
 

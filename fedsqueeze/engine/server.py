@@ -103,10 +103,6 @@ class Server:
             )
         return cohort
 
-    def sample(self, partition_ids: Sequence[int], server_round: int) -> list[int]:
-        """The partitions that train this round (sorted)."""
-        return sorted(self.select(server_round).ids)
-
     def client_config(self, server_round: int, partition_id: int) -> dict[str, Scalar]:
         """What a sampled partition is told this round: the round, the algorithm's values, the protocol's."""
         seed = derive_seed(self.cfg.seed, server_round, "algorithm")

@@ -14,8 +14,8 @@ from the run seed), so no first message is needed.
 
 Partial participation: every client must apply every broadcast, in order, or its w drifts from the
 server's. Each broadcast carries its step number and the client half checks it against the number of
-broadcasts it has applied (FeedbackError if it missed one). `run_gradient_mode` delivers each
-broadcast to all clients (and counts the downlink bytes for every receiver). A server that sends only
+broadcasts it has applied (FeedbackError if it missed one). The float64 reference (tests/reference)
+delivers each broadcast to all clients (and counts the downlink bytes for every receiver). A server that sends only
 to a cohort instead sends a client that missed broadcasts the server's w itself (`resync`), which
 costs a dense message but needs no history of past broadcasts.
 

@@ -141,6 +141,6 @@ class ShiftedServer(ServerHalf):
         fresh, shift = self._fresh.total, self._shift.total
         assert fresh is not None and shift is not None
         h = self._running("h", torch.empty(fresh.numel(), dtype=self._fresh.dtype))
-        g = h.to(torch.float64) + fresh / share
+        g = h + fresh / share
         h.add_(shift.to(h.dtype))
         return g.to(self._fresh.dtype)

@@ -43,4 +43,4 @@ class CohortMean(ServerHalf):
 
     def _finish(self, share: float) -> torch.Tensor:
         assert self._sum.total is not None
-        return (self._sum.total / share).to(self._sum.dtype)
+        return self._sum.total.div_(share)

@@ -20,7 +20,7 @@ so s* is tiny, and L_tilde = 2.4 L on these heterogeneous clients); with them no
 the rounds this small run can afford, and with n = 20 EF-BV's theory step is only 5 % above that of
 EF21 on lam*C (omega_av = 0.75 is not small; the paper ran n = 1000 and 8124). Classic EF
 and top-2 without feedback have no theory rule. Sensitivity (float64 driver
-`fedsqueeze.feedback.run_gradient_mode`, 500 rounds, lr in {1/8, 1/4, 1/2, 1, 2}/L, final
+the float64 reference `tests/reference/gradient_mode.py`, 500 rounds, lr in {1/8, 1/4, 1/2, 1, 2}/L, final
 ||grad f||^2): EF-BV 3e-5, 4e-6, 8e-7, 4e-8, 4e-8; EF21 on lam*C 3e-4, 2e-3, 5e-4, 9e-3, 8e-3;
 classic EF 2e-3, 4e-2, 5e-2, 0.13, 0.6; DIANA 9e-5, 8e-7, 3e-7, 6e-6, 0.6 (unstable at 2/L); EF21
 top-2 and GD reach the float precision floor at 1/L and 2/L; no feedback stalls near 1 at every lr.
