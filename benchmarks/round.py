@@ -67,6 +67,7 @@ STATES = "<tmp>/states"
 #: memory-at-scale runs: (config keys, clients, cohort or None, rounds or None for --rounds, examples per client)
 SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
     "20c topk+ef21": ({**COMPRESSED, "feedback": "ef21"}, 20, None, None, 320),
+    "20c topk+ef21 state-dir": ({**COMPRESSED, "feedback": "ef21", "state-dir": STATES}, 20, None, None, 320),
     # client state in files under the run's temporary folder (`state-dir`), not in memory
     "1000c ef21 cohort 10": (
         {**COMPRESSED, "feedback": "ef21", "cohort-size": 10, "state-dir": STATES},
@@ -79,7 +80,7 @@ SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
 SCALE_STEPS = 2
 TARGET_CLONES = 6.0
 TARGET_RATIO_10 = 1.10
-TARGET_RSS_MB = {"20c topk+ef21": 1500.0, "1000c ef21 cohort 10": 4000.0}
+TARGET_RSS_MB = {"20c topk+ef21": 1500.0, "20c topk+ef21 state-dir": 1500.0, "1000c ef21 cohort 10": 4000.0}
 BATCH, LR, SEED = 32, 0.01, 0
 
 

@@ -16,7 +16,7 @@ from fedsqueeze.algorithms.fedavg import FedAvg
 from fedsqueeze.client.app import STATE_KEY, load_state
 from fedsqueeze.config import resolve
 from fedsqueeze.deploy.state import StateIdentity, StateStore, config_digest
-from fedsqueeze.engine import LocalTransport, Server, run_round
+from fedsqueeze.engine import Exchange, LocalTransport, Server, run_round
 from fedsqueeze.simulation.grid import run_inprocess
 from fedsqueeze.simulation.runner import simulate
 
@@ -63,8 +63,8 @@ class Recording(LocalTransport):
     def exchange(self, server_round, outbox, partition_ids):
         self.outboxes[server_round] = outbox
         out = super().exchange(server_round, outbox, partition_ids)
-        self.arrivals[server_round] = out.arrivals
-        return out
+        self.arrivals[server_round] = list(out.arrivals)
+        return Exchange(self.arrivals[server_round], out.downlink_bytes)
 
 
 def _cfg(tmp_path, *extra):

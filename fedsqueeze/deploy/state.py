@@ -67,21 +67,27 @@ class LoadedState:
 class StateStore:
     """The state file of one (run, partition) under a state directory."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], identity: StateIdentity) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], identity: StateIdentity, *, fsync: bool = True) -> None:
         self.identity = identity
+        #: False: the rename keeps a write atomic, but nothing waits for the disk (a simulation, whose
+        #: files need not survive a power cut; a device's must)
+        self.fsync = fsync
         self.path = Path(state_dir) / f"run-{identity.run_id}" / f"partition-{identity.partition_id}.fsqstate"
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
-        """Write the state after `server_round` atomically (the file is complete or not there)."""
+        """Write the state after `server_round` atomically (the file is complete or not there).
+
+        The tensors' bytes go to the file and the digest straight from their memory (no copy of the
+        state is built: it can be as large as the model, for every client)."""
         entries, blobs, offset = [], [], 0
         for name in sorted(tensors):
             arr = np.ascontiguousarray(tensors[name].detach().cpu().numpy())
             if arr.dtype.name not in _DTYPES:
                 raise StateError(f"state tensor {name!r} has dtype {arr.dtype.name}, which the state file cannot hold")
-            blob = arr.tobytes()
+            blob = memoryview(arr.reshape(-1).view(np.uint8))
             entries.append(
                 {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": len(blob)}
             )
@@ -90,19 +96,26 @@ class StateStore:
         header = json.dumps(
             {**self.identity.to_dict(), "server_round": int(server_round), "tensors": entries}, sort_keys=True
         ).encode()
-        body = MAGIC + struct.pack("<BI", VERSION, len(header)) + header + b"".join(blobs)
-        data = body + hashlib.sha256(body).digest()
+        parts = [MAGIC + struct.pack("<BI", VERSION, len(header)) + header, *blobs]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as fh:
-                fh.write(data)
+                for part in parts:
+                    fh.write(part)
+                fh.write(digest.digest())
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.fsync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if not self.fsync:
+            return
         try:  # make the rename itself durable
             dir_fd = os.open(self.path.parent, os.O_RDONLY)
         except OSError:
@@ -117,25 +130,30 @@ class StateStore:
     def load(self) -> LoadedState:
         """The state in the file; StateError if it is corrupted or belongs to another run/partition/config."""
         try:
-            data = self.path.read_bytes()
+            with open(self.path, "rb") as fh:
+                data = bytearray(os.fstat(fh.fileno()).st_size)
+                got = fh.readinto(data)
         except OSError as exc:
             raise StateError(f"cannot read state file {self.path}: {exc}") from None
-        return parse(data, self.path, self.identity)
+        return parse(memoryview(data)[:got], self.path, self.identity)
 
 
-def parse(data: bytes, path: Path | str, identity: StateIdentity | None) -> LoadedState:
-    """Decode a state file's bytes, checking its digest and (if given) its identity."""
+def parse(data: bytes | memoryview, path: Path | str, identity: StateIdentity | None) -> LoadedState:
+    """Decode a state file's bytes, checking its digest and (if given) its identity.
+
+    A writable buffer (what `load` reads into) is used in place: the tensors are views of it."""
+    data = memoryview(data)
     prefix = len(MAGIC) + 5
-    if len(data) < prefix + _DIGEST or not data.startswith(MAGIC):
+    if len(data) < prefix + _DIGEST or bytes(data[: len(MAGIC)]) != MAGIC:
         raise StateError(f"{path} is not a fedsqueeze state file (bad magic or truncated); delete it to start afresh")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    body, digest = data[:-_DIGEST], bytes(data[-_DIGEST:])
     if hashlib.sha256(body).digest() != digest:
         raise StateError(f"state file {path} is corrupted (checksum mismatch); delete it to start afresh")
     version, header_len = struct.unpack("<BI", body[len(MAGIC) : prefix])
     if version != VERSION:
         raise StateError(f"state file {path} has format version {version}; this fedsqueeze reads {VERSION}")
     try:
-        header = json.loads(body[prefix : prefix + header_len])
+        header = json.loads(bytes(body[prefix : prefix + header_len]))
         found = StateIdentity(int(header["run_id"]), int(header["partition_id"]), str(header["config_digest"]))
         server_round = int(header["server_round"])
         entries = list(header["tensors"])
@@ -165,7 +183,7 @@ def parse(data: bytes, path: Path | str, identity: StateIdentity | None) -> Load
             if start < 0 or start + n > len(payload) or n != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
                 raise ValueError(f"tensor {e['name']!r} does not fit the file")
             arr = np.frombuffer(payload, dtype=dtype, count=n // dtype.itemsize, offset=start).reshape(shape)
-            tensors[str(e["name"])] = torch.from_numpy(arr.copy())
+            tensors[str(e["name"])] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(f"state file {path} has an inconsistent tensor table: {exc}") from None
     return LoadedState(tensors, server_round)
@@ -173,6 +191,8 @@ def parse(data: bytes, path: Path | str, identity: StateIdentity | None) -> Load
 
 #: the node-config key that turns durable state on
 STATE_DIR_KEY = "state-dir"
+#: node-config key: "false" writes state files without waiting for the disk (the simulation runner's setting)
+STATE_FSYNC_KEY = "state-fsync"
 
 
 def store_for(
@@ -182,4 +202,6 @@ def store_for(
     state_dir = node_config.get(STATE_DIR_KEY)
     if state_dir is None or str(state_dir).strip() == "":
         return None
-    return StateStore(str(state_dir), StateIdentity(int(run_id), int(partition_id), config_digest(run_config)))
+    fsync = str(node_config.get(STATE_FSYNC_KEY, "true")).strip().lower() not in ("false", "0", "no")
+    identity = StateIdentity(int(run_id), int(partition_id), config_digest(run_config))
+    return StateStore(str(state_dir), identity, fsync=fsync)

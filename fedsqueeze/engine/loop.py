@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,7 +65,9 @@ class Arrival:
 
 @dataclass
 class Exchange:
-    arrivals: list[Arrival]
+    #: every sampled partition's outcome, once each, in any order (an iterator may yield them as they
+    #: come: the server takes each in as soon as those of all lower partitions are in)
+    arrivals: Iterable[Arrival]
     #: bytes of the broadcasts that were sent
     downlink_bytes: int
 
@@ -136,7 +138,7 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     ok: list[Reply] = []
     uplink_bytes = 0
     server.begin()
-    for arrival in sorted(exchange.arrivals, key=lambda a: a.partition_id):
+    for arrival in in_partition_order(exchange.arrivals, chosen):
         uplink_bytes += arrival.uplink_bytes
         who = f"node {arrival.node_id} (partition {arrival.partition_id})"
         if arrival.failure is not None or arrival.payloads is None:
@@ -180,6 +182,19 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     return row
 
 
+def in_partition_order(arrivals: Iterable[Arrival], order: Sequence[int]) -> Iterator[Arrival]:
+    """The arrivals in `order`, each as soon as every earlier one is in: replies that come in order
+    (the in-process backend) pass straight through, others wait only for the ones before them."""
+    waiting: dict[int, Arrival] = {}
+    position = 0
+    for arrival in arrivals:
+        waiting[arrival.partition_id] = arrival
+        while position < len(order) and order[position] in waiting:
+            yield waiting.pop(order[position])
+            position += 1
+    yield from (waiting[pid] for pid in sorted(waiting))  # only if an arrival was never expected
+
+
 class LocalTransport:
     """Every client of a run called directly in this process, each with its own state dict (no Flower).
 
@@ -197,17 +212,18 @@ class LocalTransport:
         pass
 
     def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
-        arrivals = []
+        return Exchange(self._calls(server_round, outbox, partition_ids), outbox.bytes_to(partition_ids))
+
+    def _calls(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Iterator[Arrival]:
         for pid in partition_ids:
             state = self.states.setdefault(pid, {})
             result = self.client.train(pid, outbox.payloads[pid], outbox.config[pid], state)
             self.calls.append((server_round, pid))
             if self.lost(server_round, pid):
-                arrivals.append(Arrival(pid, pid, failure=f"partition {pid}: reply lost"))
+                yield Arrival(pid, pid, failure=f"partition {pid}: reply lost")
                 continue
             nbytes = sum(len(b) for b in result.payloads.values())
-            arrivals.append(Arrival(pid, pid, result.payloads, result.report(pid), uplink_bytes=nbytes))
-        return Exchange(arrivals, outbox.bytes_to(partition_ids))
+            yield Arrival(pid, pid, result.payloads, result.report(pid), uplink_bytes=nbytes)
 
 
 def _plain(value: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -66,12 +66,11 @@ class FlowerTransport:
             discover(self.grid, self.cfg, self.nodes, self.asked)
 
     def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
-        arrivals: list[Arrival] = []
-        msgs = []
+        msgs, missing = [], []
         for pid in partition_ids:
             node = self.nodes.get(pid)
             if node is None:
-                arrivals.append(Arrival(pid, -1, failure=f"partition {pid}: no node holds it"))
+                missing.append(Arrival(pid, -1, failure=f"partition {pid}: no node holds it"))
                 continue
             content = RecordDict(
                 {
@@ -81,22 +80,34 @@ class FlowerTransport:
             )
             msg = Message(content, dst_node_id=node, message_type=protocol.TRAIN, group_id=str(server_round))
             msgs.append((pid, node, msg))
-        replies = list(self.grid.send_and_receive([m for _, _, m in msgs], timeout=self.cfg.round_timeout))
-        sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
+        downlink = outbox.bytes_to([pid for pid, _, _ in msgs])
+        return Exchange(self._arrivals(server_round, msgs, missing), downlink)
+
+    def _arrivals(
+        self, server_round: int, msgs: list[tuple[int, int, Message]], missing: list[Arrival]
+    ) -> Iterator[Arrival]:
+        """The round's outcomes as they come: a grid that streams replies (the in-process one) hands
+        each over as its call ends, so the server holds one reply at a time, not the cohort's."""
+        yield from missing
+        stream = getattr(self.grid, "stream", None) or self.grid.send_and_receive
+        replies = stream([m for _, _, m in msgs], timeout=self.cfg.round_timeout)
+        sent: dict[str, tuple[int, int]] = {}
         answered: set[str] = set()
         for reply in replies:
             key = reply.metadata.reply_to_message_id
+            if key not in sent:  # message ids are given as the messages are sent
+                sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
             if key not in sent or key in answered:
                 log.warning("round %d: unexpected reply from node %d ignored", server_round, reply.metadata.src_node_id)
                 continue
             answered.add(key)
             pid, node = sent[key]
-            arrivals.append(arrival_of(reply, pid, node))
+            yield arrival_of(reply, pid, node)
+        sent = {m.metadata.message_id: (pid, node) for pid, node, m in msgs}
         for key, (pid, node) in sent.items():
             if key not in answered:
                 why = f"node {node} (partition {pid}): no reply within round-timeout {self.cfg.round_timeout:g} s"
-                arrivals.append(Arrival(pid, node, failure=why))
-        return Exchange(arrivals, outbox.bytes_to([pid for pid, _, _ in msgs]))
+                yield Arrival(pid, node, failure=why)
 
 
 def arrival_of(reply: Message, pid: int, node: int) -> Arrival:

@@ -153,8 +153,15 @@ class InProcessGrid(Grid):
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        ids = self._deliver_all(messages, timeout=timeout)
-        return self.pull_messages(ids)
+        return list(self.stream(messages, timeout=timeout))
+
+    def stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        """`send_and_receive`, one reply at a time as each call ends (not part of Flower's Grid): a
+        server that takes each reply in before the next call holds one reply, not the cohort's."""
+        for msg in messages:
+            mid = self._deliver(msg, timeout)
+            if mid is not None:
+                yield from self.pull_messages([mid])
 
     # ---- contexts (for tests and inspection) ----------------------------------------------
     def context(self, node_id: int) -> Context:
@@ -173,20 +180,22 @@ class InProcessGrid(Grid):
         return str(uuid.UUID(int=(self._run.run_id << 64) | self._counter))
 
     def _deliver_all(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = self._next_id()
-            _check_instruction(msg)
-            node = self._nodes.get(msg.metadata.dst_node_id)
-            if node is None:  # as the SuperLink: a message to an unknown node is not stored
-                log.error("message to unknown node %d dropped", msg.metadata.dst_node_id)
-                continue
-            ids.append(msg.metadata.message_id)
-            reply = self._call(node, msg, timeout)
-            if reply is not None:
-                reply.metadata.__dict__["_message_id"] = self._next_id()
-                self._replies[msg.metadata.message_id] = reply
-        return ids
+        ids = [self._deliver(msg, timeout) for msg in messages]
+        return [mid for mid in ids if mid is not None]
+
+    def _deliver(self, msg: Message, timeout: float | None) -> str | None:
+        """Run the call of one message; its reply waits for `pull_messages`. None: not stored."""
+        msg.metadata.__dict__["_message_id"] = self._next_id()
+        _check_instruction(msg)
+        node = self._nodes.get(msg.metadata.dst_node_id)
+        if node is None:  # as the SuperLink: a message to an unknown node is not stored
+            log.error("message to unknown node %d dropped", msg.metadata.dst_node_id)
+            return None
+        reply = self._call(node, msg, timeout)
+        if reply is not None:
+            reply.metadata.__dict__["_message_id"] = self._next_id()
+            self._replies[msg.metadata.message_id] = reply
+        return msg.metadata.message_id
 
     def _call(self, node: _Node, msg: Message, timeout: float | None) -> Message | None:
         if node.busy is not None:

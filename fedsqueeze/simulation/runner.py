@@ -89,7 +89,7 @@ def run_inprocess(
     if cfg.state_dir:
         from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 
-        from fedsqueeze.deploy.state import STATE_DIR_KEY
+        from fedsqueeze.deploy.state import STATE_DIR_KEY, STATE_FSYNC_KEY
 
         # a folder of this run's own: in-process runs all have run id 1, and a later run must never
         # take an earlier run's client state for its own (the files stay: each client's last state)
@@ -98,7 +98,12 @@ def run_inprocess(
 
         # the nodes keep their state in files, as devices with `state-dir` in their node config do
         node_configs = [
-            {PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: cfg.num_clients, STATE_DIR_KEY: run_states}
+            {
+                PARTITION_ID_KEY: i,
+                NUM_PARTITIONS_KEY: cfg.num_clients,
+                STATE_DIR_KEY: run_states,
+                STATE_FSYNC_KEY: False,
+            }
             for i in range(cfg.num_clients)
         ]
     t0 = time.perf_counter()
