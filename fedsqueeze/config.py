@@ -124,6 +124,16 @@ class Config:
     #: accuracy for "bytes to reach target" in the summary; 0 disables it
     target_accuracy: float = 0.9
     out_dir: str = "runs"
+    #: how the server combines the cohort's vectors: "mean" (the mechanism's own), or a robust rule:
+    #: "median", "trimmed-mean(beta=0.2)", "krum(f=1, m=1)" (fedsqueeze.feedback.robust; feedback "none")
+    aggregation: str = "mean"
+    #: bound on the L2 norm of each decoded reply (0: none); what happens above it is `over-norm`
+    max_update_norm: float = 0.0
+    #: "reject" the reply, or "clip" it to the bound (clip only without feedback: a mechanism's memory
+    #: must see the message as sent)
+    over_norm: str = "reject"
+    #: most examples a client may claim (0: its partition's size, as the server knows it)
+    max_examples: int = 0
     #: in-process simulation: keep each client's state in a file under this folder between its rounds
     #: (as devices do with the node config's state-dir), not in memory; "" keeps it in memory
     state_dir: str = ""
@@ -212,6 +222,7 @@ class Config:
                 f"more than the {self.cohort_count()} clients sampled per round",
                 f"1..{self.cohort_count()}",
             )
+        _check_defences(self)
         _finite("target-accuracy", self.target_accuracy, lower=0.0)
         if self.target_accuracy > 1.0:
             raise ConfigError("target-accuracy", self.target_accuracy, "an accuracy is at most 1", "0 (off) to 1")
@@ -513,6 +524,36 @@ def _check_modes(cfg: Config) -> None:
         )  # fmt: skip
 
 
+OVER_NORM = ("reject", "clip")
+
+
+def _check_defences(cfg: Config) -> None:
+    """The hostile-client defences: norm bound and action, example cap, robust aggregation."""
+    from fedsqueeze.algorithms import build as build_algorithm
+    from fedsqueeze.feedback import FeedbackError
+    from fedsqueeze.feedback.robust import RULES, check_rule_fits
+
+    _finite("max-update-norm", cfg.max_update_norm, lower=0.0)
+    if cfg.over_norm not in OVER_NORM:
+        raise ConfigError("over-norm", cfg.over_norm, "unknown action", OVER_NORM)
+    stateful = cfg.feedback != "none"
+    if cfg.over_norm == "clip" and cfg.max_update_norm > 0 and stateful:
+        raise ConfigError(
+            "over-norm", cfg.over_norm, f"feedback {cfg.feedback!r} keeps client and server memory of every "
+            "message as sent: a clipped message would part them; rejected replies are not acknowledged", ["reject"],
+        )  # fmt: skip
+    _non_negative_int("max-examples", cfg.max_examples)
+    try:
+        check_rule_fits(cfg.aggregation, "none" if not stateful else cfg.feedback)
+    except FeedbackError as exc:
+        raise ConfigError("aggregation", cfg.aggregation, str(exc), list(RULES)) from None
+    if cfg.aggregation != "mean" and build_algorithm(cfg.algorithm).reports_weights:
+        raise ConfigError(
+            "aggregation", cfg.aggregation, f"algorithm {cfg.algorithm!r} weighs clients by values they report "
+            "each round, which a robust rule would ignore", ["mean"],
+        )  # fmt: skip
+
+
 def _task_names() -> list[str]:
     try:
         from fedsqueeze.tasks import available_tasks
@@ -656,6 +697,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "target-accuracy": _parse_float,
     "out-dir": _parse_str,
     "state-dir": lambda k, v: _parse_str(k, v).strip(),
+    "aggregation": lambda k, v: _parse_str(k, v).strip(),
+    "max-update-norm": _parse_float,
+    "over-norm": lambda k, v: _parse_str(k, v).strip(),
+    "max-examples": _parse_int,
 }
 
 

@@ -103,7 +103,7 @@ def test_message_contract(tmp_path):
     assert (array.dtype, array.stype, list(array.shape)) == ("uint8", STYPE, [len(array.data)])
     metrics = reply.content["metrics"]
     assert {"num-examples", "train-loss", "compression-error", "partition-id"} <= set(metrics)
-    coord.begin()
+    coord.begin(1)
     coord.take({"default": bytes(array.data)}, dict(metrics), 2, node)  # a valid reply
     update = coord.decode({"default": bytes(array.data)}).to_dense()  # top-k: decoded sparse
     assert update.numel() == coord.uplink.numel

@@ -36,6 +36,7 @@ Scalar = bool | int | float | str
 
 @dataclass
 class LocalResult:
+    server_round: int
     payloads: dict[str, bytes]
     num_examples: int
     train_loss: float
@@ -49,6 +50,7 @@ class LocalResult:
             protocol.TRAIN_LOSS: self.train_loss,
             protocol.COMPRESSION_ERROR: self.compression_error,
             protocol.PARTITION_ID: partition_id,
+            protocol.SERVER_ROUND: self.server_round,
             **self.metrics,
         }
 
@@ -152,6 +154,7 @@ class ClientHalf:
         if self.plan.stateful:
             self.keep_pending(state, outgoing, payloads, server_round)
         return LocalResult(
+            server_round=server_round,
             payloads=payloads,
             num_examples=out.num_examples,
             train_loss=out.train_loss,

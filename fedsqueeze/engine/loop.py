@@ -36,7 +36,7 @@ from fedsqueeze.config import RESOLVED_TABLE, Config
 from fedsqueeze.tracking import RunDir, Tracker
 
 from .client import client_half
-from .server import InvalidReply, Outbox, Reply, Server, mean, weighted_mean
+from .server import InvalidReply, Outbox, RejectedReply, Reply, Server, mean, weighted_mean
 
 log = logging.getLogger("fedsqueeze.server")
 
@@ -137,7 +137,8 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     failures: list[str] = []
     ok: list[Reply] = []
     uplink_bytes = 0
-    server.begin()
+    rejected = 0
+    server.begin(server_round)
     for arrival in in_partition_order(exchange.arrivals, chosen):
         uplink_bytes += arrival.uplink_bytes
         who = f"node {arrival.node_id} (partition {arrival.partition_id})"
@@ -146,6 +147,9 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
             continue
         try:
             ok.append(server.take(arrival.payloads, arrival.metrics, arrival.partition_id, arrival.node_id))
+        except RejectedReply as exc:
+            rejected += 1
+            failures.append(f"{who}: rejected: {exc}")
         except (InvalidReply, ValueError, KeyError, TypeError) as exc:
             failures.append(f"{who}: invalid reply: {exc}")
     for failure in failures:
@@ -166,6 +170,8 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
         "clients_sampled": len(chosen),
         "clients_ok": len(ok),
         "clients_failed": len(chosen) - len(ok),
+        # of the failed, the replies a defence turned away (norm bound, example cap, overflow)
+        "clients_rejected": rejected,
         "uplink_bytes": uplink_bytes,
         "downlink_bytes": exchange.downlink_bytes,
         "train_loss": weighted_mean([r.train_loss for r in ok], weights) if ok else None,

@@ -3,8 +3,8 @@
     query   server -> client: {}                    client -> server: "info" {partition-id, num-examples}
     train   server -> client: "broadcast" payloads  client -> server: "update" payloads
                               "config" {server-round, "metrics" {num-examples, train-loss,
-                              feedback-ack, downlink-step,           compression-error, partition-id, ...}
-                              downlink-resync, algorithm keys}
+                              feedback-ack, downlink-step,           compression-error, partition-id,
+                              downlink-resync, algorithm keys}       server-round, ...}
 
 Payloads are `{group key: bytes}` (one `fedsqueeze.wire` message per group of the payload plan);
 the Flower apps carry each as `Array(dtype="uint8", shape=(n,), stype=STYPE, data=bytes)`.
@@ -40,7 +40,8 @@ PARTITION_ID = "partition-id"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 COMPRESSION_ERROR = "compression-error"
-REPORTED = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, COMPRESSION_ERROR)
+#: the reply's metrics also carry SERVER_ROUND: the round of the message it answers
+REPORTED = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, COMPRESSION_ERROR, SERVER_ROUND)
 
 # ---- client state keys of the protocol (beside the algorithm's and the mechanism's own)
 #: the memory update that waits for the server's acknowledgement

@@ -30,6 +30,7 @@ from fedsqueeze.algorithms import Algorithm
 from fedsqueeze.algorithms.base import Cohort
 from fedsqueeze.config import Config
 from fedsqueeze.feedback import SparseVector
+from fedsqueeze.feedback.robust import robust_server
 from fedsqueeze.seeding import derive_seed, generator
 
 from . import protocol
@@ -40,6 +41,11 @@ Scalar = bool | int | float | str
 
 class InvalidReply(ValueError):
     """A client's reply that cannot be used (error reply, bad payload, bad metrics); the message says why."""
+
+
+class RejectedReply(InvalidReply):
+    """A well-formed reply that a defence turned away: a norm above max-update-norm, more examples than
+    the client holds, values that would overflow the aggregate (counted in `clients_rejected`)."""
 
 
 @dataclass
@@ -79,8 +85,16 @@ class Server:
         self.uplink = self.plan.uplink
         self.downlink = self.plan.downlink
         self.algorithm: Algorithm = self.plan.new_algorithm()
-        #: the one aggregation path: the mechanism's server half over the algorithm's client shares
-        self.aggregator = self.plan.mechanism.server(cfg.num_clients, self.algorithm.shares(self.task))
+        #: the one aggregation path: the mechanism's server half over the algorithm's client shares, or
+        #: a robust rule in its place (feedback "none" only: see fedsqueeze.feedback.robust)
+        shares = self.algorithm.shares(self.task)
+        if cfg.aggregation == "mean":
+            self.aggregator = self.plan.mechanism.server(cfg.num_clients, shares)
+        else:
+            self.aggregator = robust_server(cfg.aggregation, cfg.num_clients, shares)
+        #: the most examples each client may claim: max-examples, or its partition's size
+        self.example_caps = [cfg.max_examples or len(c.train.y) for c in self.task.clients]
+        self._round = 0
         down = self.plan.downlink_feedback
         self.downlink_server = None if down is None else down.server(self.plan.x0)
         #: ef21p: the downlink step each partition's copy of w is known to be at (0: w^0 = x^0)
@@ -148,10 +162,11 @@ class Server:
         return out
 
     # ---- uplink: one reply at a time --------------------------------------------------------
-    def begin(self) -> None:
+    def begin(self, server_round: int) -> None:
         """Start taking in a round's replies (call `take` for each, in partition order, then `finish`)."""
         self.aggregator.begin()
         self._taken = []
+        self._round = server_round
 
     def take(
         self, payloads: Mapping[str, bytes], metrics: Mapping[str, object], partition_id: int, node_id: int
@@ -159,11 +174,19 @@ class Server:
         """Validate and decode one reply and add it to the round's sums; InvalidReply if it fails."""
         if partition_id in self._taken:
             raise InvalidReply(f"partition {partition_id} already replied this round")
+        answered = metrics.get(protocol.SERVER_ROUND)
+        if answered != self._round:  # a late reply to an earlier round must not be acknowledged as this one's
+            raise InvalidReply(f"a reply to round {answered!r}, not to this round {self._round}")
         n = metrics.get(protocol.NUM_EXAMPLES)
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
             raise InvalidReply(f"{protocol.NUM_EXAMPLES} must be a positive number, got {n!r}")
+        if n > self.example_caps[partition_id]:
+            raise RejectedReply(
+                f"claims {n:g} examples, more than the {self.example_caps[partition_id]} it may (max-examples, "
+                "or its partition's size)"
+            )
         extra = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in protocol.REPORTED}
-        update = self.decode(payloads)
+        update = self.bound(self.decode(payloads))
         weight = self.algorithm.reply_weight(extra)
         if weight is not None and (not math.isfinite(weight) or weight < 0):
             raise InvalidReply(f"aggregation weight must be a finite non-negative number, got {weight!r}")
@@ -201,10 +224,25 @@ class Server:
                 values = update.values
         except (ValueError, RuntimeError) as exc:
             raise InvalidReply(f"payload does not fit the model: {exc}") from None
-        # one BLAS pass: NaN and inf propagate into ||v||^2, and so does a norm beyond float32's range
+        # one BLAS pass: NaN and inf propagate into ||v||^2, and so does a norm beyond float32's range,
+        # which is what could overflow the aggregate
         if not math.isfinite(float(torch.dot(values, values))):
-            raise InvalidReply("update has non-finite values (or a norm beyond float32's range)")
+            raise RejectedReply("update has non-finite values, or a norm beyond float32's range")
         return update
+
+    def bound(self, update: torch.Tensor | SparseVector) -> torch.Tensor | SparseVector:
+        """The reply within max-update-norm (L2, whole update): rejected above it, or clipped to it."""
+        bound = self.cfg.max_update_norm
+        if bound <= 0:
+            return update
+        values = update.values if isinstance(update, SparseVector) else update
+        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
+        if norm <= bound:
+            return update
+        if self.cfg.over_norm == "reject":
+            raise RejectedReply(f"update norm {norm:.4g} is above max-update-norm {bound:g}")
+        scaled = values * (bound / norm)
+        return SparseVector(update.numel, update.indices, scaled) if isinstance(update, SparseVector) else scaled
 
     def finish(self, server_round: int, *, step: bool = True) -> None:
         """Form the estimate from the replies taken in and step the model.
