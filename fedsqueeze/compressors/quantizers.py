@@ -172,6 +172,8 @@ class NaturalCompression(Compressor):
     def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Natural:
         x = check_input(x)
         xf = x.to(torch.float32)
+        if xf.device.type == "cpu":
+            return self._compress_cpu(x, xf, generator)
         mantissa, exponent = torch.frexp(xf)  # |x| = |mantissa| 2^exponent, |mantissa| in [0.5, 1)
         p_up = 2.0 * mantissa.abs() - 1.0
         u = uniform(xf.numel(), generator, xf.device)
@@ -179,6 +181,43 @@ class NaturalCompression(Compressor):
         codes = torch.clamp(e + NATURAL_BIAS, max=127 + NATURAL_BIAS)
         codes = torch.where(xf == 0, 0, codes).to(torch.int16)
         return Natural(x.numel(), x.dtype, xf < 0, codes)
+
+    @staticmethod
+    def _compress_cpu(x: torch.Tensor, xf: torch.Tensor, generator: torch.Generator | None) -> Natural:
+        """The device path's codes from the float32 bits, in cache-sized chunks (the uniforms are
+        the same stream, drawn chunk by chunk). A normal |x| = (1 + f) 2^E has frexp's p_up = f and
+        code E + NATURAL_BIAS + (u < f), i.e. its biased exponent + 23 + (u < f); subnormals and
+        zeros (biased exponent 0) are redone with frexp, as on the device."""
+        xs = np.ascontiguousarray(xf.detach().numpy())
+        d = xs.size
+        rng = numpy_rng(generator)
+        codes = np.empty(d, dtype=np.int16)
+        negative = np.less(xs, 0)
+        magnitude = np.empty(min(_CHUNK, d), dtype=np.uint32)
+        frac, u = np.empty(magnitude.size, dtype=np.float32), np.empty(magnitude.size, dtype=np.float32)
+        up = np.empty(magnitude.size, dtype=bool)
+        top = np.int16(127 + NATURAL_BIAS)
+        for start in range(0, d, _CHUNK):
+            n = min(_CHUNK, d - start)
+            a, fv, uv, upv, out = magnitude[:n], frac[:n], u[:n], up[:n], codes[start : start + n]
+            np.bitwise_and(xs[start : start + n].view(np.uint32), np.uint32(0x7FFFFFFF), out=a)
+            np.bitwise_and(a, np.uint32(0x7FFFFF), out=fv.view(np.uint32))
+            np.bitwise_or(fv.view(np.uint32), np.uint32(0x3F800000), out=fv.view(np.uint32))
+            np.subtract(fv, np.float32(1.0), out=fv)  # f, exactly
+            rng.random(n, dtype=np.float32, out=uv)
+            np.less(uv, fv, out=upv)
+            np.right_shift(a, 23, out=a)
+            low = np.flatnonzero(a == 0) if a.min() == 0 else None  # zeros and subnormals
+            np.add(a, upv, out=a)
+            np.add(a, np.uint32(NATURAL_BIAS - 127), out=a)
+            np.minimum(a, top, out=out, casting="unsafe")
+            if low is not None:
+                sub = xs[start + low]
+                mantissa, exponent = np.frexp(sub)
+                p_up = np.float32(2.0) * np.abs(mantissa) - np.float32(1.0)
+                e = exponent - 1 + (uv[low] < p_up) + NATURAL_BIAS
+                out[low] = np.where(sub == 0, 0, e)
+        return Natural(x.numel(), x.dtype, torch.from_numpy(negative), torch.from_numpy(codes))
 
     def eta(self, d: int) -> float:
         return 0.0
