@@ -247,3 +247,20 @@ def test_powersgd_checks_layout_and_warm_start():
         c.compress(torch.randn(56), warm_start=other)
     with pytest.raises(CompressorError, match="layout comes from the model"):
         build("powersgd(rank=1, layout=3)", layout=[(8, 6)])
+
+
+def test_natural_cpu_codes_match_the_frexp_formula():
+    """The CPU path works on the float32 bits; the device path's frexp formula is the reference."""
+    from fedsqueeze.compressors.compressed import NATURAL_BIAS
+    from fedsqueeze.compressors.randomness import uniform
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_003, generator=g) * torch.exp2(torch.randint(-160, 128, (200_003,), generator=g).float())
+    x = torch.where(torch.isfinite(x), x, 1.0)
+    x[:8] = torch.tensor([0.0, -0.0, 1.4e-45, -1.1754942e-38, 2.0**-126, 3.4028235e38, -(2.0**127), 1.0])
+    c = build("natural").compress(x, torch.Generator().manual_seed(7))
+    mantissa, exponent = torch.frexp(x)
+    u = uniform(x.numel(), torch.Generator().manual_seed(7), x.device)
+    e = exponent.to(torch.int32) - 1 + (u < 2.0 * mantissa.abs() - 1.0).to(torch.int32)
+    codes = torch.where(x == 0, 0, torch.clamp(e + NATURAL_BIAS, max=127 + NATURAL_BIAS)).to(torch.int16)
+    assert torch.equal(c.codes, codes) and torch.equal(c.negative, x < 0)
