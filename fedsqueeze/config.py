@@ -24,13 +24,14 @@ import fnmatch
 import functools
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsqueeze.specs import SpecError, parse_call
+from fedsqueeze.specs import SpecError, parse_call, quote_bare_values
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -360,7 +361,9 @@ def _build_task_cached(task: str, num_clients: int, partition: str, seed: int) -
         )
     except TaskError as exc:
         kind = partition.split("(")[0].strip()
-        key = "partition" if "partition" in str(exc) or (kind and kind in str(exc)) else "task"
+        # the partition's messages say "partition 'name'" or quote its spec ("shards(3): ...")
+        said = re.search(r"\bpartition\s+['\"]", str(exc)) or (kind and f"{kind}(" in str(exc))
+        key = "partition" if said else "task"
         raise ConfigError(key, task if key == "task" else partition, str(exc)) from None
 
 
@@ -440,6 +443,12 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     try:
         call = parse_call(spec, example='libsvm-logreg(path="data.txt")')
     except SpecError as exc:
+        fixed = quote_bare_values(spec)
+        if fixed is not None:
+            raise ConfigError(
+                "task", spec, f"{exc}; a path (or any text that is not a plain word) must be quoted: {fixed} "
+                f"(in a TOML file: task = '{fixed}'; on the command line: --set 'task={fixed}')",
+            ) from None  # fmt: skip
         raise ConfigError("task", spec, str(exc), _task_names()) from None
     if call.args:
         raise ConfigError("task", spec, "task options are named: name(option=value, ...)")

@@ -65,6 +65,42 @@ def parse_chain(spec: str, *, example: str = "a(arg) | b(key=value)") -> list[Ca
     return [parse_call(part, example=example) for part in _split_top_level(spec, "|")]
 
 
+def quote_bare_values(spec: str) -> str | None:
+    """`spec` with every `key=value` argument whose value does not read as a literal put in double quotes
+    (`task(path=/data/a.txt)` -> `task(path="/data/a.txt")`), if that makes it parse; else None.
+
+    For error messages: a file path written without quotes is the usual reason an argument does not read.
+    """
+    if not isinstance(spec, str):
+        return None
+    name, paren, rest = spec.strip().partition("(")
+    if not paren or not rest.rstrip().endswith(")"):
+        return None
+    changed, parts = False, []
+    for part in _split_top_level(rest.rstrip()[:-1], ","):
+        key, eq, value = part.partition("=")
+        if eq and key.strip().isidentifier() and value.strip() and not _reads_as_literal(value.strip()):
+            text = value.strip().replace("\\", "\\\\").replace('"', '\\"')
+            part, changed = f'{key.strip()}="{text}"', True
+        parts.append(part.strip())
+    if not changed:
+        return None
+    fixed = f"{name.strip()}({', '.join(parts)})"
+    try:
+        parse_call(fixed)
+    except SpecError:
+        return None
+    return fixed
+
+
+def _reads_as_literal(text: str) -> bool:
+    try:
+        _literal(ast.parse(text, mode="eval").body, text)
+    except (SyntaxError, SpecError):
+        return False
+    return True
+
+
 def _split_top_level(text: str, sep: str) -> list[str]:
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):

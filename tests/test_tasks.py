@@ -671,7 +671,7 @@ def test_user_task_returning_clients(user_module):
     task = build_task(f"{user_module}:as_clients", num_clients=2)
     assert [len(c.train) for c in task.clients] == [50, 60]
     assert isinstance(task.clients[1], ClientData) and task.clients[1].test_is_train
-    assert len(task.global_test) == 10 + 60
+    assert len(task.global_test) == 10  # client 0's held-out examples; client 1's training data is not test data
 
 
 def test_user_task_errors(user_module):

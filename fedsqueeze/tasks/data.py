@@ -46,6 +46,12 @@ class Dataset:
             raise TaskError(
                 f"{self.name}: labels must lie in [0, {self.num_classes}), got {self.y.min()}..{self.y.max()}"
             )
+        if len(self.x) and not np.isfinite(self.x).all():
+            bad = np.flatnonzero(~np.isfinite(self.x.reshape(len(self.x), -1)).all(axis=1))
+            raise TaskError(
+                f"{self.name}: example {int(bad[0])} (0-based; {len(bad)} such example(s)) has a feature value "
+                "that is not a finite float32 (nan, inf, or beyond +-3.4e38)"
+            )
         if self.groups is not None and self.groups.shape != self.y.shape:
             raise TaskError(f"{self.name}: groups must have one entry per example")
 
@@ -166,6 +172,7 @@ def load_libsvm(path: str | os.PathLike[str], *, n_features: int | None = None) 
     n, d = x_sparse.shape
     if n * d * 4 > MAX_DENSE_BYTES:
         raise TaskError(f"LibSVM file {str(p)!r}: {n} x {d} features is too large to hold densely")
+    _check_libsvm_values(p, x_sparse, raw)
     values = np.unique(raw)
     if len(values) < 2:
         raise TaskError(f"LibSVM file {str(p)!r} has a single label value {values.tolist()}; need at least 2 classes")
@@ -174,6 +181,52 @@ def load_libsvm(path: str | os.PathLike[str], *, n_features: int | None = None) 
     y = np.searchsorted(values, raw).astype(np.int64)
     x = np.asarray(x_sparse.todense(), dtype=np.float32)
     return Dataset(p.name, x, y, len(values), info={"labels": values.tolist(), "path": str(p)})
+
+
+#: the largest float32: feature values beyond it would become inf when densified
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_libsvm_values(p: Path, x_sparse: object, raw: np.ndarray) -> None:
+    """TaskError naming the file and line of the first label or feature value that is not a finite float32."""
+    bad_label = np.flatnonzero(~np.isfinite(raw))
+    data = x_sparse.data  # type: ignore[attr-defined]
+    bad = np.flatnonzero(~np.isfinite(data) | (np.abs(data) > _FLOAT32_MAX))
+    rows = [int(bad_label[0])] if len(bad_label) else []
+    if len(bad):
+        indptr = x_sparse.indptr  # type: ignore[attr-defined]
+        rows.append(int(np.searchsorted(indptr, bad[0], side="right")) - 1)
+    if not rows:
+        return
+    row = min(rows)
+    line = libsvm_line_number(p, row)
+    if len(bad_label) and int(bad_label[0]) == row:
+        what = f"label {float(raw[row])!r} (not a finite number)"
+    else:
+        start, stop = x_sparse.indptr[row], x_sparse.indptr[row + 1]  # type: ignore[attr-defined]
+        k = start + int(np.flatnonzero(~np.isfinite(data[start:stop]) | (np.abs(data[start:stop]) > _FLOAT32_MAX))[0])
+        value = float(data[k])
+        feature = int(x_sparse.indices[k]) + 1  # type: ignore[attr-defined]  # LibSVM numbers features from 1
+        kind = "not a finite number" if not math.isfinite(value) else "too large for float32"
+        what = f"feature {feature} = {value!r} ({kind})"
+    where = f"line {line}" if line is not None else f"example {row + 1}"
+    raise TaskError(f"LibSVM file {str(p)!r}, {where}: {what}; every label and feature value must be a finite number")
+
+
+def libsvm_line_number(path: str | os.PathLike[str], row: int) -> int | None:
+    """The 1-based line of a LibSVM file that holds example `row` (0-based), as scikit-learn's reader counts
+    examples: every line that holds something other than a comment ('#' to the end of the line)."""
+    seen = -1
+    try:
+        with open(path, "rb") as fh:
+            for number, text in enumerate(fh, start=1):
+                if text.split(b"#", 1)[0].strip():
+                    seen += 1
+                    if seen == row:
+                        return number
+    except OSError:
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- IDX (MNIST format)
@@ -265,6 +318,15 @@ def load_idx_dataset(
     if yi.min() < 0:
         raise TaskError(f"IDX labels {str(labels)!r} must be >= 0, got {yi.min()}")
     x = xi.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        value = xi[row].reshape(-1)[int(np.flatnonzero(~np.isfinite(x[row].reshape(-1)))[0])].item()
+        kind = "not a finite number" if not math.isfinite(value) else "too large for float32"
+        raise TaskError(
+            f"IDX images {str(images)!r}, example {row} (0-based; {len(bad)} such example(s)): value {value!r} "
+            f"is {kind}; every pixel must be a finite number"
+        )
     if xi.dtype == np.uint8:
         x /= 255.0
     if x.ndim == 3:

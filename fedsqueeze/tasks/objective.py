@@ -299,7 +299,7 @@ class LogisticObjective:
                 break
             steps += 1
             if self.dim <= DENSE_HESSIAN_MAX_DIM:
-                step = torch.cholesky_solve(g[:, None], torch.linalg.cholesky(self.hessian(x)))[:, 0]
+                step = _newton_direction(self.hessian(x), g, self.reg)
             else:
                 step = _conjugate_gradient(lambda v, x=x: self.hvp(x, v), g, rtol=min(0.5, math.sqrt(gnorm)) * 1e-3)
             decrement = float(g @ step)
@@ -333,6 +333,16 @@ class LogisticObjective:
         }
 
 
+def _newton_direction(h: torch.Tensor, g: torch.Tensor, reg: float) -> torch.Tensor:
+    """H^-1 g by Cholesky; where rounding has made the computed H indefinite (badly scaled features: the
+    exact H is >= reg I), by its eigendecomposition with every eigenvalue raised to at least reg."""
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return torch.cholesky_solve(g[:, None], chol)[:, 0]
+    evals, evecs = torch.linalg.eigh(h)
+    return evecs @ ((evecs.T @ g) / evals.clamp(min=reg))
+
+
 def _gram(a: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """A^T diag(w) A (A^T A without w); the explicit contiguous transpose is several times faster on CPU."""
     at = (a if w is None else a * w[:, None]).T.contiguous()
@@ -362,7 +372,10 @@ def _conjugate_gradient(matvec, b: torch.Tensor, rtol: float, max_iter: int | No
         if rs <= stop:
             break
         ap = matvec(p)
-        alpha = rs / float(p @ ap)
+        curvature = float(p @ ap)
+        if not curvature > 0:  # rounding only (the exact Hessian is >= reg I): keep what was reached
+            break
+        alpha = rs / curvature
         x += alpha * p
         r -= alpha * ap
         rs_new = float(r @ r)

@@ -177,7 +177,9 @@ def make_task(
     Each client keeps round(test_fraction * m) of its m examples for testing (seeded). With
     test_fraction 0 (or a single example) a client has no test data and evaluates on its training
     data (`ClientData.test_is_train`). The global test set is `global_test` if given, else the union
-    of the clients' test splits (their training data where they hold none).
+    of the clients' held-out test splits: a client whose single example is its training data adds
+    nothing, so the global test set never holds a training example. Only with test_fraction 0, when
+    no client holds any test data, is the global test set the union of the training data.
     """
     spec = parse_partition(partition)
     parts = partition_indices(data.y, num_clients, spec, seed, num_classes=data.num_classes, groups=data.groups)
@@ -195,7 +197,7 @@ def make_task(
             raise TaskError(f"{name}: test features {global_test.feature_shape} differ from {data.feature_shape}")
         test = Split.from_arrays(global_test.x, global_test.y)
     else:
-        test = Split.concat([c.test for c in clients])
+        test = _held_out(name, clients, test_fraction)
     meta = {
         "dataset": data.name,
         "partition": str(spec),
@@ -215,6 +217,24 @@ def make_task(
         criterion=criterion,
         reg=reg,
         info=meta,
+    )
+
+
+def _held_out(name: str, clients: Sequence[ClientData], test_fraction: float | None) -> Split:
+    """The union of the clients' held-out test splits (never a training example).
+
+    When no client holds test data, this is the union of the training data if that was asked for
+    (test_fraction 0, or a user's clients given without test data: test_fraction None), else TaskError.
+    """
+    held = [c.test for c in clients if not c.test_is_train]
+    if held:
+        return Split.concat(held)
+    if not test_fraction:
+        return Split.concat([c.train for c in clients])
+    raise TaskError(
+        f"{name}: no client holds a test example (each of the {len(clients)} clients has a single example, "
+        "which is its training data), so there is no global test set; use fewer clients, or test_fraction=0 "
+        "to evaluate on the training data"
     )
 
 
@@ -365,7 +385,15 @@ def _build_user_task(ref: str, num_clients: int, partition: str | None, seed: in
         fn = getattr(fn, part, None)
     if not callable(fn):
         raise TaskError(f"task {ref!r}: module {module_name!r} has no function {attr!r}")
-    params = inspect.signature(fn).parameters
+    not_a_task = (
+        f"task {ref!r} is not a task function: a task function takes keyword arguments among "
+        f"{', '.join(_CALL_ARGS)} and its options, and returns a Task, (build_model, data) or "
+        "(build_model, clients) (see fedsqueeze.tasks.task)"
+    )
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins and C functions without a signature
+        raise TaskError(f"{not_a_task}; {attr!r} has no inspectable signature") from None
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     offered: dict[str, Any] = {"num_clients": num_clients, "partition": partition, "seed": seed, **opts}
     unknown = sorted(k for k in opts if k not in params and not takes_any)
@@ -379,6 +407,10 @@ def _build_user_task(ref: str, num_clients: int, partition: str | None, seed: in
         else:
             offered["partition"] = "iid"
     kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as exc:
+        raise TaskError(f"{not_a_task}; called with {sorted(kwargs) or 'no arguments'}: {exc}") from None
     result = fn(**kwargs)
     task = _as_task(ref, result, num_clients, partition or "iid", seed, float(opts.get("test_fraction", 0.2)))
     task.info.setdefault("task", ref)
@@ -409,7 +441,7 @@ def _as_task(ref: str, result: Any, num_clients: int, partition: str, seed: int,
             name=ref,
             build_model=build_model,
             clients=clients,
-            global_test=Split.concat([c.test for c in clients]),
+            global_test=_held_out(ref, clients, None),
             num_classes=int(labels.max()) + 1 if len(labels) else 2,
             input_shape=tuple(x0.x.shape[1:]),
             info={"num_clients": len(clients), "partition": "user"},
@@ -424,6 +456,19 @@ def _dataset_from_arrays(ref: str, x: Any, y: Any) -> Dataset:
 
 
 def _as_client(ref: str, cid: int, c: Any) -> ClientData:
+    client = _as_client_unchecked(ref, cid, c)
+    for which, split in (("training", client.train), ("test", client.test)):
+        finite = torch.isfinite(split.x.reshape(len(split), -1)).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise TaskError(
+                f"task {ref!r}: client {cid}'s {which} example {row} (0-based) has a feature value that is "
+                "not a finite float32 (nan, inf, or beyond +-3.4e38)"
+            )
+    return client
+
+
+def _as_client_unchecked(ref: str, cid: int, c: Any) -> ClientData:
     if isinstance(c, ClientData):
         return c
     if isinstance(c, tuple) and len(c) == 4:
