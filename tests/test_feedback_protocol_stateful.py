@@ -4,8 +4,9 @@ A Hypothesis state machine drives the engine's `Server` and its client half (`Cl
 as a transport would, choosing every round which clients take part and what happens to each one's
 message: its reply arrives in time, is lost, or comes too late. A late reply is what Flower's
 transport (`fedsqueeze.server.app`) sees when a node answers after the round timeout: the server has
-closed the round and ignores it (it matches replies to the messages of the round), and the client,
-which processes its messages in order, computed it before it reads its next message. Rounds may
+closed the round; here the reply still reaches it in a later round, where `take` must refuse it (it
+carries the round it answers), and the client, which processes its messages in order, computed it
+before it reads its next message. Rounds may
 also close without a step (too few replies), where the running quantities still take the replies in.
 
 After every step the two halves must agree, for EF21, EF-BV, DIANA, each with an EF21-P downlink:
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fedsqueeze.config import resolve
-from fedsqueeze.engine import Server
+from fedsqueeze.engine import InvalidReply, Server
 from fedsqueeze.engine.client import client_half
 from fedsqueeze.feedback import FeedbackError
 from fedsqueeze.wire import PayloadError
@@ -62,6 +63,8 @@ class FeedbackProtocol(RuleBasedStateMachine):
         self.states: dict[int, dict[str, torch.Tensor]] = {pid: {} for pid in range(N)}
         #: messages whose replies will come too late: the client reads them before its next message
         self.late: list[tuple[int, dict[str, bytes], dict[str, object]]] = []
+        #: the replies to those messages, which reach the server in a later round
+        self.stale: list[tuple[int, object]] = []
         self.round = 0
         shares = torch.tensor(self.server.algorithm.shares(self.server.task), dtype=torch.float64)
         self.shares = shares / shares.sum()
@@ -69,9 +72,9 @@ class FeedbackProtocol(RuleBasedStateMachine):
     def _process_late(self) -> None:
         for pid, payloads, config in self.late:
             try:
-                self.client.train(pid, payloads, config, self.states[pid])  # the server ignores this reply
+                self.stale.append((pid, self.client.train(pid, payloads, config, self.states[pid])))
             except (FeedbackError, PayloadError, ValueError):
-                pass  # an error reply, which the server ignores too
+                pass  # an error reply, which the server ignores
         self.late = []
 
     @rule(
@@ -93,7 +96,16 @@ class FeedbackProtocol(RuleBasedStateMachine):
             result = self.client.train(pid, outbox.payloads[pid], outbox.config[pid], self.states[pid])
             if fate == "ok":
                 replies.append((pid, result))
-        self.server.begin()
+        self.server.begin(self.round)
+        for pid, result in self.stale:  # a reply to an earlier round's message is refused
+            try:
+                self.server.take(result.payloads, result.report(pid), pid, pid)
+            except InvalidReply:
+                continue
+            raise AssertionError(
+                f"the server took client {pid}'s reply to round {result.server_round} in round {self.round}"
+            )
+        self.stale = []
         for pid, result in replies:  # in partition order, as the round loop takes them
             self.server.take(result.payloads, result.report(pid), pid, pid)
         self.server.finish(self.round, step=applied)
