@@ -111,7 +111,7 @@ class ClientHalf:
         mechanism = self.plan.mechanism
         if mechanism.replayable:
             groups = self.plan.uplink.groups
-            initial = bool(pending.pop(protocol.PENDING + "initial"))
+            initial = bool(pending.pop(protocol.PENDING_INITIAL))
             payload = [
                 wire.decode(pending[protocol.PENDING_PAYLOAD + g.key].numpy().tobytes(), g.numel) for g in groups
             ]
@@ -171,7 +171,7 @@ class ClientHalf:
         if self.plan.mechanism.replayable:
             for key, data in payloads.items():
                 state[protocol.PENDING_PAYLOAD + key] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-            state[protocol.PENDING + "initial"] = torch.tensor(outgoing.initial)
+            state[protocol.PENDING_INITIAL] = torch.tensor(outgoing.initial)
         else:
             state.update({protocol.PENDING + k: v for k, v in outgoing.new_state.items()})
         state[protocol.PENDING_ROUND] = torch.tensor(server_round, dtype=torch.int64)

@@ -47,5 +47,7 @@ REPORTED = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, COMPRESSION_ERROR, SERVER_RO
 #: the memory update that waits for the server's acknowledgement
 PENDING = "pending."
 PENDING_ROUND = PENDING + "round"
-#: the pending update as the payload bytes it is a function of (see Mechanism.replay)
+#: the pending update as the payload bytes it is a function of (see Mechanism.replay), and whether
+#: that payload was the client's first, uncompressed message
 PENDING_PAYLOAD = PENDING + "payload."
+PENDING_INITIAL = PENDING + "initial"

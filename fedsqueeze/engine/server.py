@@ -6,13 +6,15 @@ broadcast, streaming decode and aggregation of the replies, the server step and 
     x --downlink plan--> payload bytes (the same for every client; with ef21p C(x - w), and the
                          dense w for a client that missed broadcasts)
     per reply, in client order: bytes --wire.decode against the expected group sizes--> v_i
-                         (or InvalidReply) --> the mechanism's server half takes it in (add)
+                         (or InvalidReply) --> checks: its round, claimed examples, finite norm,
+                         max-update-norm (RejectedReply, or clipped) --> the server half takes it in
     estimate = server half's finish (feedback "none": the weighted mean over the cohort)
     x' = algorithm.server_step(x, estimate)
 
 Every reply goes into the one aggregation path: the mechanism's server half, with the algorithm's
 client shares (`Algorithm.shares`), or the weight a reply reports for algorithms that report their
-own (`Algorithm.reply_weight`). Only the running sums are held: memory O(d) whatever the cohort.
+own (`Algorithm.reply_weight`). Only the running sums are held: memory O(d) whatever the cohort,
+except with a robust `aggregation` rule (fedsqueeze.feedback.robust), which needs the whole cohort.
 """
 
 from __future__ import annotations
