@@ -8,6 +8,8 @@ Each client holds `examples` training examples (iid); the global test set has `t
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedsqueeze.tasks import Dataset, make_task
@@ -44,3 +46,23 @@ def build(
         num_clients=num_clients, partition=partition or "iid", seed=seed, test_fraction=0.0,
         global_test=make_data(test_examples, in_dim, classes, seed, 2),
     )  # fmt: skip
+
+
+def local_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float,
+                seed: int) -> float:  # fmt: skip
+    """Plain PyTorch SGD: `steps` mini-batches from seeded permutations of the client's data."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n, pos, order, total = len(y), len(y), torch.arange(len(y)), 0.0
+    model.train()
+    for _ in range(steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / max(steps, 1)

@@ -103,13 +103,12 @@ def peak_rss_mb() -> float:
 
 def plain_rounds(task, cohort: int, rounds: int, steps: int) -> list[float]:  # type: ignore[no-untyped-def]
     """Seconds of plain local SGD of `cohort` clients, per round (clients 0..cohort-1: same sizes as any)."""
+    import big_task
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(1)
     model = task.new_model(seed=SEED)
     start = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     per_round = []
     for rnd in range(1, rounds + 1):
         total = 0.0
@@ -119,18 +118,7 @@ def plain_rounds(task, cohort: int, rounds: int, steps: int) -> list[float]:  # 
                     p.copy_(s)
             x, y = task.clients[pid].train.x, task.clients[pid].train.y
             t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(derive_seed(SEED, rnd, pid, "local"))
-            n, pos, order = len(y), len(y), torch.arange(len(y))
-            for _ in range(steps):
-                if pos + BATCH > n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos : pos + BATCH]
-                pos += BATCH
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            float(loss)
+            big_task.local_steps(model, x, y, steps, BATCH, LR, derive_seed(SEED, rnd, pid, "local"))
             total += time.perf_counter() - t0
         per_round.append(total)
     return per_round

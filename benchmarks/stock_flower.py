@@ -31,26 +31,6 @@ def task_for(num_clients: int, seed: int, model_opts: tuple[tuple[str, int], ...
     return big_task.build(num_clients, "iid", seed, **dict(model_opts))
 
 
-def local_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float,
-                seed: int) -> float:  # fmt: skip
-    """Plain PyTorch SGD: `steps` mini-batches from seeded permutations of the client's data."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    n, pos, order, total = len(y), len(y), torch.arange(len(y)), 0.0
-    model.train()
-    for _ in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-    return total / max(steps, 1)
-
-
 def make_client_app() -> ClientApp:
     app = ClientApp()
 
@@ -64,7 +44,7 @@ def make_client_app() -> ClientApp:
         data = task.clients[pid].train
         model = task.build_model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        loss = local_steps(model, data.x, data.y, int(cfg["steps"]), int(cfg["batch"]), float(cfg["lr"]),
+        loss = big_task.local_steps(model, data.x, data.y, int(cfg["steps"]), int(cfg["batch"]), float(cfg["lr"]),
                            int(cfg["seed"]) * 100_003 + int(cfg["server-round"]) * 1009 + pid)  # fmt: skip
         metrics = MetricRecord({"train-loss": loss, "num-examples": len(data.y)})
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
