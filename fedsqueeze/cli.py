@@ -6,9 +6,10 @@
     fedsqueeze keys DIR --nodes N [--san HOST_OR_IP ...] [--force]
     fedsqueeze prune RUN_DIR --method magnitude|wanda|ria|symwanda [--sparsity S] [--nm N:M] [--int8]
 
-`simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C stops the
-run cleanly and keeps every round already written to the run directory. Configuration errors are
-reported before anything starts (exit code 2).
+`simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C (SIGINT)
+stops the run cleanly and keeps every round already written to the run directory (exit code 130),
+also when the command was started with SIGINT ignored (a background job of a script). Configuration
+errors are reported before anything starts (exit code 2).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +130,7 @@ def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple
 
     progress = _RoundProgress(console, cfg.name, cfg.rounds, quiet=quiet)
     try:
-        with progress:
+        with _sigint_interrupts(), progress:
             result = simulate(cfg, backend=backend, observer=progress.observe)
     except KeyboardInterrupt:
         from fedsqueeze.tracking import read_metrics
@@ -157,6 +161,30 @@ def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple
     console.print(line, highlight=False)
     console.print(f"run directory: {result.run_dir}", highlight=False)
     return 0, result.run_dir
+
+
+@contextmanager
+def _sigint_interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in here, whatever disposition this process inherited.
+
+    Python installs its KeyboardInterrupt handler only when SIGINT is at its default at start-up. A
+    command a non-interactive shell starts in the background (`make test &`, `cmd &` in a script or a
+    CI step) inherits SIGINT *ignored*, and so does every process that one starts: such a run used to
+    go on to its last round after a SIGINT and exit 0. A run's SIGINT is its clean stop (rows kept,
+    summary "interrupted", every process it started stopped), so it is honoured here in any case.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; leave the process's as they are
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    replace = previous in (signal.SIG_IGN, signal.SIG_DFL)  # not a handler of Python code or of C
+    if replace:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if replace:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _RoundProgress:

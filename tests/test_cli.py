@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fedsqueeze.cli import main
 from fedsqueeze.tracking import load_run
 
@@ -57,12 +59,18 @@ def test_demo_writes_runs_and_report(tmp_path, capsys):
     assert (out / "report" / "comparison.md").exists()
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_rounds(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_cleanly_and_keeps_rounds(tmp_path, inherited):
+    # "ignored": as a command a non-interactive shell starts in the background (`make test &`) gets it,
+    # SIGINT ignored from the start; Python then installs no KeyboardInterrupt handler of its own, and
+    # such a run used to go on to 500/500 and exit 0
+    disposition = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedsqueeze.cli", "simulate", "--set", "num-clients=4", "--set", "rounds=500",
          "--set", f"out-dir={tmp_path}", "--set", "name=long"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
     )  # fmt: skip
     metrics = Path(tmp_path / "long" / "metrics.jsonl")
     try:

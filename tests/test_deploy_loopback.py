@@ -131,3 +131,80 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
         dep.close()
     for proc in dep.procs:
         assert not group_alive(proc.pid), f"{proc.name} outlived the test"
+
+
+#: a runner holding a Deployment in a temporary working directory: SuperLink, two SuperNodes, `flwr run`
+KILLED_RUNNER = """
+import json, sys, time
+from pathlib import Path
+from fedsqueeze.config import resolve
+from fedsqueeze.deploy.processes import Deployment
+cfg = resolve(overrides=["num-clients=2", "rounds=50", "local-steps=2", "round-timeout=60",
+                         f"out-dir={sys.argv[1]}", "name=killed"])
+dep = Deployment(None)  # --insecure; a temporary working directory (FLWR_HOME, logs)
+dep.start_superlink(database=None)
+for i in range(2):
+    dep.start_supernode(f"node{i}", None, {"partition-id": i})
+dep.run_app(sys.argv[2], cfg)
+print(json.dumps({"workdir": str(dep.workdir)}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_deployment_runner_leaves_no_process_and_no_temporary_folder(tmp_path):
+    """SIGKILL of the process that holds a Deployment after the first round: the SuperLink, its SuperExec,
+    the ServerApp, the SuperNodes and their ClientApps, `flwr run` all end; the temporary workdir goes."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from _lifetime import Tracked, rows
+
+    tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
+    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    err = tmp_path / "stderr.log"
+    with open(err, "wb") as err_file:
+        runner = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUNNER, str(tmp_path / "runs"), str(ROOT)],
+            env=env, stdout=subprocess.PIPE, stderr=err_file, text=True, start_new_session=True,
+        )  # fmt: skip
+    tracked = Tracked(runner)
+    try:
+        assert runner.stdout is not None
+        workdir = Path(json.loads(runner.stdout.readline())["workdir"])
+        assert workdir.parent == tmp
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while rows(metrics) < 1:
+            assert time.monotonic() < deadline, "no round within the limit"
+            assert runner.poll() is None, err.read_text()[-3000:]
+            tracked.record()
+            time.sleep(0.2)
+        tracked.record()
+        names = " ".join(tracked.names.values())
+        for name in ("flower-superlink", "flower-superexec", "flower-supernode", "flwr run"):
+            assert name in names, f"{name} not seen below the runner: {names}"
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        left, waited = tracked.wait_gone(30)
+        assert left == [], f"alive {waited:.0f} s after the runner's SIGKILL:\n" + "\n".join(left)
+        assert not workdir.exists() and list(tmp.iterdir()) == []
+        after = rows(metrics)
+        report = err.read_text()
+        assert "ended without stopping what it started" in report and str(workdir) in report, report[-3000:]
+        print(f"{len(tracked.procs)} processes, all gone {waited:.1f} s after SIGKILL; {after} row(s)")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        tracked.kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)

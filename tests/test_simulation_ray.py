@@ -59,3 +59,61 @@ def test_ray_backend_matches_inprocess(tmp_path):
     for a, b in zip(ray.rows, local.rows, strict=True):
         assert a.keys() == b.keys()
         assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
+
+
+@pytest.mark.slow
+def test_sigkilled_ray_run_leaves_no_process_and_no_temporary_folder(tmp_path):
+    """`kill -9` of `fedsqueeze simulate --backend ray` mid-run: the SuperLink, SuperExec, `flwr run`,
+    flwr-simulation, Ray's daemons and workers all end within seconds, and the temporary FLWR_HOME and
+    Ray's temporary folder are removed (the watchdog reports both on the runner's stderr)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from _lifetime import Tracked, rows
+
+    # the runner's temporary folders go here (short: Ray's Unix socket paths must stay under 108 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
+    metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
+    err = tmp_path / "stderr.log"
+    argv = [sys.executable, "-m", "fedsqueeze.cli", "simulate", "--backend", "ray", "--quiet",
+            "--set", "num-clients=2", "--set", "rounds=500", "--set", "local-steps=2",
+            "--set", f"out-dir={tmp_path / 'runs'}", "--set", "name=r"]  # fmt: skip
+    with open(err, "wb") as err_file:
+        runner = subprocess.Popen(
+            argv, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL, stderr=err_file,
+            start_new_session=True,
+        )  # fmt: skip
+    tracked = Tracked(runner)
+    try:
+        deadline = time.monotonic() + 240
+        while rows(metrics) < 1:
+            assert time.monotonic() < deadline, "no round within 240 s"
+            assert runner.poll() is None, err.read_text()[-3000:]
+            tracked.record()
+            time.sleep(0.2)
+        tracked.record()
+        names = " ".join(tracked.names.values())
+        for name in ("flower-superlink", "flower-superexec", "flwr run", "flwr-simulation", "raylet", "gcs_server"):
+            assert name in names, f"{name} not seen below the runner: {names}"
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        at_kill = rows(metrics)
+        left, waited = tracked.wait_gone(30)
+        assert left == [], f"alive {waited:.0f} s after the runner's SIGKILL:\n" + "\n".join(left)
+        assert list(tmp.iterdir()) == [], "temporary folders left"
+        after = rows(metrics)
+        time.sleep(2)
+        assert rows(metrics) == after, "training went on"
+        report = err.read_text()
+        assert "ended without stopping what it started" in report and "removed" in report, report[-3000:]
+        print(f"{len(tracked.procs)} processes, all gone {waited:.1f} s after SIGKILL; rows {at_kill} -> {after}")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        tracked.kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)

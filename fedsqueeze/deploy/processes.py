@@ -10,7 +10,12 @@
 Every process is started in its own session (its PID is its process group id) and stopped by that
 id (SIGTERM, then SIGKILL): the ClientApp and ServerApp processes a SuperNode or the SuperLink
 spawns are in the same group and stop with it. `close()` (or leaving the `with` block, also on an
-exception) stops everything still running. Only 127.0.0.1 is bound; ports are picked free.
+exception) stops everything still running, then whatever left those groups (the SuperLink's
+flower-superexec has a session of its own). Only 127.0.0.1 is bound; ports are picked free.
+
+If the process that holds the Deployment dies, even by SIGKILL, its children get SIGTERM (a
+parent-death signal) and a watchdog process stops everything below them and removes the working
+directory if it was a temporary one (`Deployment(None)`); see `fedsqueeze.reaper`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsqueeze.config import Config
+from fedsqueeze.reaper import Family, Watchdog, child_options
 
 from .credentials import Credentials
 
@@ -81,16 +88,24 @@ class Proc:
 
 @dataclass
 class Deployment:
-    """A SuperLink and its SuperNodes in `workdir` (which also holds FLWR_HOME and the logs)."""
+    """A SuperLink and its SuperNodes in `workdir` (which also holds FLWR_HOME and the logs).
 
-    workdir: Path
+    workdir=None: a new temporary directory, removed by `close()` (and by the watchdog if this
+    process dies).
+    """
+
+    workdir: Path | None
     creds: Credentials | None = None  # None: --insecure
     port: int = 0
     procs: list[Proc] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.workdir = Path(self.workdir)
+        #: whether `workdir` is a temporary directory of this Deployment's (removed by close())
+        self.temporary = self.workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="fedsqueeze-deploy-") if self.workdir is None else self.workdir)
+        self._family = Family()
+        self._watchdog: Watchdog | None = None
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = {
@@ -113,12 +128,28 @@ class Deployment:
         self.close()
 
     def close(self) -> None:
+        self._family.scan()  # while the parents still live: the processes below them, in their own sessions
         for proc in reversed(self.procs):
             stop(proc)
+        self._family.stop(grace=5.0)  # what left the process groups (flower-superexec, re-parented ones)
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._watchdog is not None:
+            self._watchdog.release()
+            self._watchdog = None
+
+    def _watchdog_started(self) -> Watchdog:
+        """The watchdog of this Deployment's processes, started before the first of them."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog("fedsqueeze deployment")
+            if self.temporary:
+                self._watchdog.remove(self.workdir)
+        return self._watchdog
 
     # ---- processes ----------------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
+        watchdog = self._watchdog_started()
         with open(log, "ab") as out:
             popen = subprocess.Popen(
                 argv,
@@ -127,8 +158,10 @@ class Deployment:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                **child_options(),  # its own session, SIGTERM if this process dies
             )
+        self._family.add(popen.pid)
+        watchdog.track(popen.pid)
         proc = Proc(name, popen, log, argv)
         self.procs.append(proc)
         return proc
@@ -193,7 +226,7 @@ class Deployment:
             capture_output=True,
             text=True,
             timeout=timeout,
-            start_new_session=True,
+            **child_options(),
         )
         if out.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")

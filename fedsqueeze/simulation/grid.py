@@ -28,6 +28,7 @@ import importlib
 import logging
 import queue
 import random
+import signal
 import threading
 import time
 import traceback
@@ -272,6 +273,11 @@ class _Worker:
         self._thread.start()
 
     def _loop(self) -> None:
+        # SIGINT is for the main thread, the only one whose Python handler runs: with it blocked here
+        # (and in the OpenMP threads torch starts from here, which inherit the mask) the kernel can only
+        # pick a thread that wakes from its wait at once, never this one in a long ClientApp call
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         while True:
             fn, done = self._jobs.get()
             try:

@@ -5,8 +5,11 @@
 - `ray`: Flower's simulation engine. The runner starts its own SuperLink (`flower-superlink
   --simulation`, 127.0.0.1, free ports, a private FLWR_HOME), submits the app with `flwr run` and the
   resolved config as the app's `[tool.flwr.app.config]`, follows metrics.jsonl for progress, and
-  stops every process it started (by process group of the SuperLink it spawned) when the run ends,
-  fails or is interrupted.
+  stops every process it started (the SuperLink's tree, and what left it) when the run ends, fails
+  or is interrupted. If the runner itself dies (even by SIGKILL), its children get SIGTERM
+  (parent-death signal) and a watchdog process stops everything below them, Ray's daemons and
+  workers included, and removes the temporary FLWR_HOME and Ray's temporary folder
+  (`fedsqueeze.reaper`).
 
 Both write the same run directory (`out-dir/name/`); same config and seed give the same metrics.
 """
@@ -14,6 +17,7 @@ Both write the same run directory (`out-dir/name/`); same config and seed give t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsqueeze.config import Config
+from fedsqueeze.reaper import Family, Watchdog, child_options
+
+log = logging.getLogger(__name__)
 
 Observer = Callable[[str, dict[str, Any]], None]
 BACKENDS = ("inprocess", "ray")
@@ -324,70 +331,89 @@ def run_ray(
 
     cfg = _unique_run_name(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
-    home = Path(flwr_home) if flwr_home is not None else Path(tempfile.mkdtemp(prefix="fedsqueeze-flwr-"))
-    home.mkdir(parents=True, exist_ok=True)
-    run_config: list[str] = []
-    if app_dir is None:
-        app_path = home / "app"
-        app_path.mkdir(exist_ok=True)
-        (app_path / "pyproject.toml").write_text(app_pyproject(cfg))
-    else:
-        app_path = Path(app_dir).resolve()
-        (home / "run-config.toml").write_text(cfg.to_toml())
-        run_config = ["--run-config", str(home / "run-config.toml")]
-    port = free_port()
-    (home / "config.toml").write_text(
-        "[superlink]\n"
-        'default = "fedsqueeze"\n\n'
-        "[superlink.fedsqueeze]\n"
-        f'address = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_DISABLE_USAGE_STATS": "1",
-        "PYTHONUNBUFFERED": "1",
-        # the SuperLink starts flower-superexec and flwr-simulation from PATH: use this environment's
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        # a user's task module imports there as it does here
-        "PYTHONPATH": os.pathsep.join([*_import_roots(cfg), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
-    log_path = home / "superlink.log"
-    notify = observer or (lambda event, data: None)
-    t0 = time.perf_counter()
-    superlink = subprocess.Popen(
-        [
-            _bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-file",
-            str(log_path),
-        ],
-        cwd=str(home),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C reaches only this runner, which then stops everything in order
-    )
+    # first of all: if this process dies, even by SIGKILL, the watchdog stops every process below the
+    # ones started here and removes the temporary folders
+    watchdog = Watchdog("fedsqueeze simulate --backend ray")
+    family = Family()
+    superlink: subprocess.Popen[bytes] | None = None
     run_proc: subprocess.Popen[bytes] | None = None
     rows: list[dict[str, Any]] = []
+    home: Path | None = None
+    temporary: list[Path] = []
     try:
+        home = Path(flwr_home) if flwr_home is not None else Path(tempfile.mkdtemp(prefix="fedsqueeze-flwr-"))
+        home.mkdir(parents=True, exist_ok=True)
+        temporary = [home] if flwr_home is None else []
+        ray_tmp = _ray_temp_dir(home)
+        if flwr_home is not None or ray_tmp != home.resolve() / "ray":
+            temporary.append(ray_tmp)
+        if not keep_home:
+            for path in temporary:
+                watchdog.remove(path)
+        run_config: list[str] = []
+        if app_dir is None:
+            app_path = home / "app"
+            app_path.mkdir(exist_ok=True)
+            (app_path / "pyproject.toml").write_text(app_pyproject(cfg))
+        else:
+            app_path = Path(app_dir).resolve()
+            (home / "run-config.toml").write_text(cfg.to_toml())
+            run_config = ["--run-config", str(home / "run-config.toml")]
+        port = free_port()
+        (home / "config.toml").write_text(
+            "[superlink]\n"
+            'default = "fedsqueeze"\n\n'
+            "[superlink.fedsqueeze]\n"
+            f'address = "127.0.0.1:{port}"\n'
+            "insecure = true\n"
+        )
+        env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "RAY_DISABLE_USAGE_STATS": "1",
+            # Ray's sessions (logs, sockets, spilled objects) in a folder of this run, not in a shared /tmp/ray
+            "RAY_TMPDIR": str(ray_tmp),
+            "PYTHONUNBUFFERED": "1",
+            # the SuperLink starts flower-superexec and flwr-simulation from PATH: use this environment's
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            # a user's task module imports there as it does here
+            "PYTHONPATH": os.pathsep.join([*_import_roots(cfg), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
+        log_path = home / "superlink.log"
+        notify = observer or (lambda event, data: None)
+        t0 = time.perf_counter()
+        superlink = _spawn(
+            family,
+            watchdog,
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-file",
+                str(log_path),
+            ],
+            cwd=str(home),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_http(port, superlink, log_path, SUPERLINK_START_S)
         started = time.perf_counter()
         submitted_at = time.time()
         federation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={num_cpus_per_client}"
         run_log = home / "flwr-run.log"
         with open(run_log, "wb") as out:
-            run_proc = subprocess.Popen(
+            run_proc = _spawn(
+                family,
+                watchdog,
                 [
                     _bin("flwr"),
                     "run",
@@ -402,12 +428,12 @@ def run_ray(
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
             notify("start", {"run_dir": str(run_dir), "rounds": cfg.rounds})
             deadline = None if timeout is None else time.monotonic() + timeout
             seen = 0
             while True:
+                family.scan()  # processes re-parented away from the tree stay known, and are stopped
                 rows = read_metrics(run_dir / "metrics.jsonl") if run_dir.exists() else []
                 for row in rows[seen:]:
                     notify("round", row)
@@ -445,12 +471,43 @@ def run_ray(
         _write_interrupted_summary(cfg, run_dir)
         raise
     finally:
+        family.scan()  # while the parents still live: the processes below them, in their own sessions
         if run_proc is not None:
             _stop(run_proc, grace=5.0)
-        _stop(superlink)
-        run_log = home / "flwr-run.log"
-        if run_dir.is_dir() and run_log.exists():
+        if superlink is not None:
+            _stop(superlink)
+        escaped = family.stop(grace=5.0)  # whatever left the tree (re-parented) and is still running
+        if escaped:
+            log.warning("stopped %d process(es) the SuperLink left running: %s", len(escaped),
+                        " ".join(str(st.pid) for st in escaped))  # fmt: skip
+        run_log = home / "flwr-run.log" if home is not None else None
+        if run_dir.is_dir() and run_log is not None and run_log.exists():
             # Flower's log of the run (the ServerApp's warnings, failed nodes with their ids) stays with it
             shutil.copyfile(run_log, run_dir / FLOWER_LOG)
-        if flwr_home is None and not keep_home:
-            shutil.rmtree(home, ignore_errors=True)
+        if not keep_home:
+            for path in temporary:
+                shutil.rmtree(path, ignore_errors=True)
+        watchdog.release()
+
+
+def _spawn(family: Family, watchdog: Watchdog, argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """A child in its own session with a parent-death signal, known to the run's family and its watchdog."""
+    proc = subprocess.Popen(argv, **options, **child_options())
+    family.add(proc.pid)
+    watchdog.track(proc.pid)
+    return proc
+
+
+#: the longest folder Ray's temporary files can go in: its session folder adds up to ~66 characters
+#: (ray/session_<date>_<time>_<us>_<pid>/sockets/plasma_store), and a Unix socket path has at most 107
+RAY_TMP_MAX = 40
+
+
+def _ray_temp_dir(home: Path) -> Path:
+    """Where Ray keeps this run's sessions: `home/ray` when that path is short enough, else a new short folder."""
+    if len(str(home.resolve() / "ray")) <= RAY_TMP_MAX:
+        return home.resolve() / "ray"
+    base = tempfile.gettempdir()
+    if len(base) > RAY_TMP_MAX - 18 and os.access("/tmp", os.W_OK):
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="fsq-ray-", dir=base))
