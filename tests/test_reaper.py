@@ -121,20 +121,28 @@ def test_released_watchdog_leaves_alone(tmp_path):
 
 
 def test_family_follows_sessions_and_ignores_reused_pids():
+    # the outer process waits until the family has seen its child: the test never races its exit
+    code = (
+        "import subprocess, sys; p = subprocess.Popen(['sleep', '60'], start_new_session=True); "
+        "print(p.pid, flush=True); sys.stdin.readline()"
+    )
     outer = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60'], start_new_session=True)"],
-        start_new_session=True,
+        [sys.executable, "-c", code], start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     family = Family()
     family.add(outer.pid)
     try:
+        child = int(outer.stdout.readline())
         deadline = time.monotonic() + 10
-        while outer.poll() is None and time.monotonic() < deadline:
+        while child not in family.members and time.monotonic() < deadline:
             family.scan()
             time.sleep(0.01)
+        outer.stdin.write("\n")
+        outer.stdin.close()
+        outer.wait(timeout=10)
         family.scan()
         alive = family.alive()
-        assert len(alive) == 1 and alive[0].ppid != outer.pid  # the re-parented sleep
+        assert [st.pid for st in alive] == [child] and alive[0].ppid != outer.pid  # the re-parented sleep
         stopped = family.stop(grace=2.0)
         assert [st.pid for st in stopped] == [alive[0].pid]
         assert family.alive() == []
