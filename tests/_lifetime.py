@@ -43,7 +43,10 @@ class Tracked:
                 continue
             self.procs[pid] = start
             self.sessions.add(int(fields[3]))
-            self.names.setdefault(pid, _cmdline(pid))
+            # read again every time: a child seen between fork and exec still shows its parent's command
+            name = _cmdline(pid)
+            if name != "?":
+                self.names[pid] = name
         assert os.getsid(0) not in self.sessions, "a tracked process is in the test's own session"
 
     def alive(self) -> list[str]:
