@@ -81,3 +81,17 @@ class Tracked:
 
 def rows(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def record_until_a_row(tracked: Tracked, metrics: Path, err: Path, limit: float, expected: tuple[str, ...]) -> None:
+    """Record the runner's processes until `metrics` has a row; then every `expected` name must be among them."""
+    deadline = time.monotonic() + limit
+    while rows(metrics) < 1:
+        assert time.monotonic() < deadline, f"no round within {limit:g} s"
+        assert tracked.root.poll() is None, err.read_text()[-3000:]
+        tracked.record()
+        time.sleep(0.2)
+    tracked.record()
+    names = " ".join(tracked.names.values())
+    for name in expected:
+        assert name in names, f"{name} not seen below the runner: {names}"

@@ -163,7 +163,7 @@ def test_sigkilled_deployment_runner_leaves_no_process_and_no_temporary_folder(t
     import sys
     import tempfile
 
-    from _lifetime import Tracked, rows
+    from _lifetime import Tracked, record_until_a_row, rows
 
     tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
@@ -183,16 +183,8 @@ def test_sigkilled_deployment_runner_leaves_no_process_and_no_temporary_folder(t
         assert runner.stdout is not None
         workdir = Path(json.loads(runner.stdout.readline())["workdir"])
         assert workdir.parent == tmp
-        deadline = time.monotonic() + RUN_LIMIT_S
-        while rows(metrics) < 1:
-            assert time.monotonic() < deadline, "no round within the limit"
-            assert runner.poll() is None, err.read_text()[-3000:]
-            tracked.record()
-            time.sleep(0.2)
-        tracked.record()
-        names = " ".join(tracked.names.values())
-        for name in ("flower-superlink", "flower-superexec", "flower-supernode", "flwr run"):
-            assert name in names, f"{name} not seen below the runner: {names}"
+        expected = ("flower-superlink", "flower-superexec", "flower-supernode", "flwr run")
+        record_until_a_row(tracked, metrics, err, RUN_LIMIT_S, expected)
         runner.send_signal(signal.SIGKILL)
         runner.wait()
         left, waited = tracked.wait_gone(30)

@@ -73,7 +73,7 @@ def test_sigkilled_ray_run_leaves_no_process_and_no_temporary_folder(tmp_path):
     import tempfile
     import time
 
-    from _lifetime import Tracked, rows
+    from _lifetime import Tracked, record_until_a_row, rows
 
     # the runner's temporary folders go here (short: Ray's Unix socket paths must stay under 108 bytes)
     tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
@@ -89,16 +89,8 @@ def test_sigkilled_ray_run_leaves_no_process_and_no_temporary_folder(tmp_path):
         )  # fmt: skip
     tracked = Tracked(runner)
     try:
-        deadline = time.monotonic() + 240
-        while rows(metrics) < 1:
-            assert time.monotonic() < deadline, "no round within 240 s"
-            assert runner.poll() is None, err.read_text()[-3000:]
-            tracked.record()
-            time.sleep(0.2)
-        tracked.record()
-        names = " ".join(tracked.names.values())
-        for name in ("flower-superlink", "flower-superexec", "flwr run", "flwr-simulation", "raylet", "gcs_server"):
-            assert name in names, f"{name} not seen below the runner: {names}"
+        expected = ("flower-superlink", "flower-superexec", "flwr run", "flwr-simulation", "raylet", "gcs_server")
+        record_until_a_row(tracked, metrics, err, 240, expected)
         runner.send_signal(signal.SIGKILL)
         runner.wait()
         at_kill = rows(metrics)
