@@ -95,3 +95,14 @@ def record_until_a_row(tracked: Tracked, metrics: Path, err: Path, limit: float,
     names = " ".join(tracked.names.values())
     for name in expected:
         assert name in names, f"{name} not seen below the runner: {names}"
+
+
+def clean_up(tracked: Tracked, tmp: Path) -> None:
+    """After a kill test, whatever it left: the runner, anything recorded still alive, the temporary folder."""
+    import shutil
+
+    if tracked.root.poll() is None:
+        tracked.root.kill()
+        tracked.root.wait()
+    tracked.kill_all()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -157,13 +157,12 @@ def test_sigkilled_deployment_runner_leaves_no_process_and_no_temporary_folder(t
     the ServerApp, the SuperNodes and their ClientApps, `flwr run` all end; the temporary workdir goes."""
     import json
     import os
-    import shutil
     import signal
     import subprocess
     import sys
     import tempfile
 
-    from _lifetime import Tracked, record_until_a_row, rows
+    from _lifetime import Tracked, clean_up, record_until_a_row, rows
 
     tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
@@ -195,8 +194,4 @@ def test_sigkilled_deployment_runner_leaves_no_process_and_no_temporary_folder(t
         assert "ended without stopping what it started" in report and str(workdir) in report, report[-3000:]
         print(f"{len(tracked.procs)} processes, all gone {waited:.1f} s after SIGKILL; {after} row(s)")
     finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-        tracked.kill_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(tracked, tmp)

@@ -66,14 +66,13 @@ def test_sigkilled_ray_run_leaves_no_process_and_no_temporary_folder(tmp_path):
     """`kill -9` of `fedsqueeze simulate --backend ray` mid-run: the SuperLink, SuperExec, `flwr run`,
     flwr-simulation, Ray's daemons and workers all end within seconds, and the temporary FLWR_HOME and
     Ray's temporary folder are removed (the watchdog reports both on the runner's stderr)."""
-    import shutil
     import signal
     import subprocess
     import sys
     import tempfile
     import time
 
-    from _lifetime import Tracked, record_until_a_row, rows
+    from _lifetime import Tracked, clean_up, record_until_a_row, rows
 
     # the runner's temporary folders go here (short: Ray's Unix socket paths must stay under 108 bytes)
     tmp = Path(tempfile.mkdtemp(prefix="fsqt-", dir="/tmp"))
@@ -104,8 +103,4 @@ def test_sigkilled_ray_run_leaves_no_process_and_no_temporary_folder(tmp_path):
         assert "ended without stopping what it started" in report and "removed" in report, report[-3000:]
         print(f"{len(tracked.procs)} processes, all gone {waited:.1f} s after SIGKILL; rows {at_kill} -> {after}")
     finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-        tracked.kill_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(tracked, tmp)

@@ -125,9 +125,6 @@ def load_state(context: Context) -> dict[str, torch.Tensor]:
         return {}
     out = {}
     for key, a in record.items():
-        if a.stype != STATE_STYPE:  # a state saved with Flower's own serialisation
-            out[key] = torch.from_numpy(a.numpy())
-            continue
         raw = np.frombuffer(a.data, dtype=np.dtype(a.dtype).newbyteorder("<")).astype(a.dtype)  # a writable copy
         out[key] = torch.from_numpy(raw.reshape(a.shape))
     return out
