@@ -1,6 +1,6 @@
 """The `fedsqueeze` command.
 
-    fedsqueeze simulate [--config FILE] [--set key=value ...] [--backend inprocess|ray]
+    fedsqueeze simulate [--config FILE] [--set key=value ...] [--backend inprocess|ray] [--resume RUN_DIR]
     fedsqueeze report RUN_DIR [RUN_DIR ...] [--out DIR] [--target-accuracy A]
     fedsqueeze demo [--out-dir DIR] [--backend inprocess|ray]
     fedsqueeze keys DIR --nodes N [--san HOST_OR_IP ...] [--force]
@@ -8,8 +8,9 @@
 
 `simulate` shows a progress bar per round (test accuracy, cumulative uplink MB); Ctrl-C (SIGINT)
 stops the run cleanly and keeps every round already written to the run directory (exit code 130),
-also when the command was started with SIGINT ignored (a background job of a script). Configuration
-errors are reported before anything starts (exit code 2).
+also when the command was started with SIGINT ignored (a background job of a script); `--resume RUN_DIR`
+goes on with it (or with a run that was killed) from its last complete round. Configuration errors
+are reported before anything starts (exit code 2).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help="override one key"
     )
     sim.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess", help="simulation backend")
+    sim.add_argument(
+        "--resume", metavar="RUN_DIR", help="go on with an interrupted run from its last complete round"
+    )
     sim.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)
 
@@ -116,12 +120,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     console = _console()
     try:
-        cfg = resolve(args.config, args.overrides)
+        cfg = _resumed(args) if args.resume else resolve(args.config, args.overrides)
         preflight(cfg)  # a missing data file, bad task option or unmatched rule fails here, before anything starts
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         return EXIT_CONFIG
     return _run_one(cfg, args.backend, console, quiet=args.quiet)[0]
+
+
+def _resumed(args: argparse.Namespace) -> Any:
+    """The config of `--resume RUN_DIR`: the run's own config.toml, with any --config and --set on top
+    (which must not change it: preflight names the keys that differ)."""
+    from fedsqueeze.config import ConfigError, build, parse_overrides, read_toml
+    from fedsqueeze.tracking.rundir import CONFIG_FILE
+
+    stored = Path(args.resume) / CONFIG_FILE
+    if not stored.is_file():
+        raise ConfigError("resume", args.resume, f"not a run directory: it has no {CONFIG_FILE}")
+    values = read_toml(stored)
+    if args.config:
+        values.update(read_toml(args.config))
+    values.update(parse_overrides(args.overrides))
+    values["resume"] = str(args.resume)
+    return build(values)
 
 
 def _run_one(cfg: Any, backend: str, console: Any, quiet: bool = False) -> tuple[int, Path | None]:

@@ -138,6 +138,12 @@ class Config:
     #: in-process simulation: keep each client's state in a file under this folder between its rounds
     #: (as devices do with the node config's state-dir), not in memory; "" keeps it in memory
     state_dir: str = ""
+    #: after every round, write the server's checkpoint and model.pt to the run directory (resumable);
+    #: in simulation the clients' state then lives in files (state-dir, or the run directory)
+    checkpoint: bool = True
+    #: a run directory to continue from its last checkpoint (`fedsqueeze simulate --resume RUN_DIR`);
+    #: every other key must equal the run's own
+    resume: str = ""
 
     # ---- derived values --------------------------------------------------------------------
     def cohort_count(self) -> int:
@@ -636,6 +642,19 @@ def _parse_int(key: str, value: Any) -> int:
     return value
 
 
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, _Raw):
+        text = _unquote(value).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise ConfigError(key, str(value), "expected true or false", ["true", "false"])
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, f"expected true or false, got {type(value).__name__}", ["true", "false"])
+    return value
+
+
 def _parse_float(key: str, value: Any) -> float:
     if isinstance(value, _Raw):
         try:
@@ -710,6 +729,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max-update-norm": _parse_float,
     "over-norm": lambda k, v: _parse_str(k, v).strip(),
     "max-examples": _parse_int,
+    "checkpoint": _parse_bool,
+    "resume": lambda k, v: _parse_str(k, v).strip(),
 }
 
 

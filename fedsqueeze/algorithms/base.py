@@ -164,6 +164,14 @@ class Algorithm(ABC):
         """The new global model (model-delta algorithms: x + estimate)."""
         return x + estimate
 
+    def state_dict(self) -> dict[str, object]:
+        """What the server half keeps between rounds beyond x (a cohort algorithm's cohort, say), for the
+        run's checkpoint: tensors, numbers, strings and containers of them. Nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:  # noqa: B027 (nothing kept by default)
+        """Take up what `state_dict` returned (when a run resumes)."""
+
 
 #: optional ClientOutput.metrics key: the client's weight in the server average when it is not its
 #: example count (Scafflix weighs client j by alpha_j^2 / gamma_j); servers pass it to `aggregate`

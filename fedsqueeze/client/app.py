@@ -6,10 +6,10 @@ its contract in `fedsqueeze.pruning.protocol`. Every payload is
 `fedsqueeze.engine.payloads`); `len(data)` is what crossed the wire. The run configuration comes
 from `context.run_config`, the partition (and, for file-backed tasks, the device's own `data-path`)
 from `context.node_config`. The client's persistent tensors live in
-`context.state["fedsqueeze.state"]` between rounds or, when the node config sets `state-dir`, only in
-a file there (`fedsqueeze.deploy.state`): memory then holds no client state between calls, which is
-how simulations of many clients with large state keep within memory, and a SuperNode restart
-loses nothing.
+`context.state["fedsqueeze.state"]` between rounds or, when the node config (a device) or the run
+config (a simulation) sets `state-dir`, only in a file there (`fedsqueeze.deploy.state`): memory
+then holds no client state between calls, which is how simulations of many clients with large
+state keep within memory, and a SuperNode restart or a resumed server loses nothing.
 """
 
 from __future__ import annotations
@@ -67,27 +67,37 @@ def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content[protocol.CONFIG])
     server_round = int(config[protocol.SERVER_ROUND])
     # the digest is of the resolved config, so it does not depend on how Flower typed the values
-    store = store_for(context.node_config, context.run_id, client.cfg.to_run_config(), pid)
+    store = store_for(context.node_config, run_identity(config, context), client.cfg.to_run_config(), pid)
     if store is None:
         state = load_state(context)
-    elif store.exists():
-        # the file written after this client's last round is its state (a corrupted or foreign file
-        # raises StateError, so the reply is an error); after a SuperNode restart, say so
-        restored = store.load()
-        state = restored.tensors
-        if DURABLE_KEY not in context.state:
-            log.warning("restored the state of round %d from %s", restored.server_round, store.path)
     else:
-        state = {}
+        # the state written before this round is this client's (a corrupted or foreign file raises
+        # StateError, so the reply is an error); after a SuperNode restart, say so
+        restored = store.load(before_round=server_round)
+        state = {} if restored is None else restored.tensors
+        if restored is not None and DURABLE_KEY not in context.state:
+            log.warning("restored the state of round %d from %s", restored.server_round, store.path)
     result = client.train(pid, broadcast, config, state)
     if store is None:
         save_state(context, state)
     else:
-        store.save(state, server_round)
+        if state or store.exists():  # a stateless algorithm writes no files
+            store.save(state, server_round)
         context.state[DURABLE_KEY] = ConfigRecord({protocol.SERVER_ROUND: server_round})
     metrics = MetricRecord(result.report(pid))
     content = RecordDict({protocol.UPDATE: payload_record(result.payloads), protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
+
+
+def run_identity(config: dict[str, object], context: Context) -> int | str:
+    """What this client's state files are kept under: the run uid the server sends (a resumed run
+    keeps it, where Flower gives it a new run id), or Flower's run id."""
+    uid = config.get(protocol.RUN_UID)
+    if uid is None:
+        return int(context.run_id)
+    if not isinstance(uid, str) or not 0 < len(uid) <= 32 or any(c not in "0123456789abcdef" for c in uid):
+        raise ValueError(f"{protocol.RUN_UID} must be up to 32 lowercase hex digits, got {uid!r}")
+    return uid
 
 
 def partition_id(context: Context) -> int:

@@ -3,8 +3,14 @@
 Flower keeps `context.state` in the SuperNode's memory only. With `state-dir` in the node config
 (`flower-supernode --node-config "partition-id=0 state-dir=/var/lib/fedsqueeze"`), the ClientApp
 writes its state (feedback residuals, control variates, personal factors, local optimum: whatever
-the algorithm keeps) to `state-dir/run-<run id>/partition-<id>.fsqstate` after each round and reads
-it back when it starts without state in memory.
+the algorithm keeps) to `state-dir/run-<run>/partition-<id>.fsqstate` after each round and reads
+it back when it starts without state in memory. `<run>` is the run's identity the server sends
+(`fedsqueeze.engine.protocol.RUN_UID`, which a resumed run keeps), or Flower's run id.
+
+Each write keeps the previous file as `partition-<id>.prev.fsqstate`: a client reads the newest
+state written *before* the round it is in. A server that resumes from its checkpoint after a crash
+repeats the round it was in, and a client that had already trained in that round then starts again
+from the state it had before it (the one the checkpoint agrees with), not from the one it wrote.
 
 File layout (no pickle: nothing in the file is executed):
 
@@ -44,7 +50,8 @@ class StateError(RuntimeError):
 class StateIdentity:
     """What a state file belongs to; a file is used only by a reader with the same identity."""
 
-    run_id: int
+    #: the run's identity (the server's run uid, or Flower's run id)
+    run_id: int | str
     partition_id: int
     config_digest: str
 
@@ -52,7 +59,7 @@ class StateIdentity:
         return {"run_id": self.run_id, "partition_id": self.partition_id, "config_digest": self.config_digest}
 
 
-def config_digest(run_config: Mapping[str, Any], ignore: tuple[str, ...] = ("name", "out-dir")) -> str:
+def config_digest(run_config: Mapping[str, Any], ignore: tuple[str, ...] = ("name", "out-dir", "resume")) -> str:
     """A digest of the run configuration (without keys that do not change what a client computes)."""
     items = sorted((str(k), repr(v)) for k, v in run_config.items() if k not in ignore)
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
@@ -72,16 +79,22 @@ class StateStore:
         #: False: the rename keeps a write atomic, but nothing waits for the disk (a simulation, whose
         #: files need not survive a power cut; a device's must)
         self.fsync = fsync
-        self.path = Path(state_dir) / f"run-{identity.run_id}" / f"partition-{identity.partition_id}.fsqstate"
+        folder = Path(state_dir) / f"run-{identity.run_id}"
+        self.path = folder / f"partition-{identity.partition_id}.fsqstate"
+        #: the state before the newest one (see the module docstring)
+        self.previous_path = folder / f"partition-{identity.partition_id}.prev.fsqstate"
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.path.exists() or self.previous_path.exists()
 
     def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
-        """Write the state after `server_round` atomically (the file is complete or not there).
+        """Write the state after `server_round` atomically (the file is complete or not there); the
+        state of an earlier round becomes the previous one.
 
         The tensors' bytes go to the file and the digest straight from their memory (no copy of the
         state is built: it can be as large as the model, for every client)."""
+        if self.path.exists() and _round_of(self.path) < server_round:
+            os.replace(self.path, self.previous_path)
         entries, blobs, offset = [], [], 0
         for name in sorted(tensors):
             arr = np.ascontiguousarray(tensors[name].detach().cpu().numpy())
@@ -127,15 +140,39 @@ class StateStore:
         finally:
             os.close(dir_fd)
 
-    def load(self) -> LoadedState:
-        """The state in the file; StateError if it is corrupted or belongs to another run/partition/config."""
-        try:
-            with open(self.path, "rb") as fh:
-                data = bytearray(os.fstat(fh.fileno()).st_size)
-                got = fh.readinto(data)
-        except OSError as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc}") from None
-        return parse(memoryview(data)[:got], self.path, self.identity)
+    def load(self, before_round: int | None = None) -> LoadedState | None:
+        """The newest state written before round `before_round` (any round if None), or None if there
+        is none; StateError if a file is corrupted or belongs to another run/partition/config."""
+        for path in (self.path, self.previous_path):
+            if not path.exists():
+                continue
+            if before_round is not None and _round_of(path) >= before_round:
+                continue  # written in a round the server did not complete (it resumed before it)
+            return _read(path, self.identity)
+        return None
+
+
+def _read(path: Path, identity: StateIdentity) -> LoadedState:
+    try:
+        with open(path, "rb") as fh:
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            got = fh.readinto(data)
+    except OSError as exc:
+        raise StateError(f"cannot read state file {path}: {exc}") from None
+    return parse(memoryview(data)[:got], path, identity)
+
+
+def _round_of(path: Path) -> int:
+    """The round a state file was written after, from its header alone (StateError if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC) + 5)
+            if len(head) < len(MAGIC) + 5 or head[: len(MAGIC)] != MAGIC:
+                raise StateError(f"{path} is not a fedsqueeze state file (bad magic or truncated)")
+            _, header_len = struct.unpack("<BI", head[len(MAGIC) :])
+            return int(json.loads(fh.read(header_len))["server_round"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"state file {path} has an unreadable header: {exc}; delete it to start afresh") from None
 
 
 def parse(data: bytes | memoryview, path: Path | str, identity: StateIdentity | None) -> LoadedState:
@@ -154,7 +191,9 @@ def parse(data: bytes | memoryview, path: Path | str, identity: StateIdentity | 
         raise StateError(f"state file {path} has format version {version}; this fedsqueeze reads {VERSION}")
     try:
         header = json.loads(bytes(body[prefix : prefix + header_len]))
-        found = StateIdentity(int(header["run_id"]), int(header["partition_id"]), str(header["config_digest"]))
+        run = header["run_id"]
+        found = StateIdentity(run if isinstance(run, str) else int(run), int(header["partition_id"]),
+                              str(header["config_digest"]))  # fmt: skip
         server_round = int(header["server_round"])
         entries = list(header["tensors"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -196,12 +235,17 @@ STATE_FSYNC_KEY = "state-fsync"
 
 
 def store_for(
-    node_config: Mapping[str, Any], run_id: int, run_config: Mapping[str, Any], partition_id: int
+    node_config: Mapping[str, Any], run: int | str, run_config: Mapping[str, Any], partition_id: int
 ) -> StateStore | None:
-    """The state store a ClientApp uses, or None when its node config has no `state-dir`."""
+    """The state store a ClientApp uses: under the node config's `state-dir` (a device's, written with
+    fsync unless `state-fsync` is false), else under the run config's (a simulation's, whose files need
+    not survive a power cut: no fsync), else None (the state stays in memory)."""
     state_dir = node_config.get(STATE_DIR_KEY)
+    fsync_default = "true"
+    if state_dir is None or str(state_dir).strip() == "":
+        state_dir, fsync_default = run_config.get(STATE_DIR_KEY), "false"
     if state_dir is None or str(state_dir).strip() == "":
         return None
-    fsync = str(node_config.get(STATE_FSYNC_KEY, "true")).strip().lower() not in ("false", "0", "no")
-    identity = StateIdentity(int(run_id), int(partition_id), config_digest(run_config))
+    fsync = str(node_config.get(STATE_FSYNC_KEY, fsync_default)).strip().lower() not in ("false", "0", "no")
+    identity = StateIdentity(run, int(partition_id), config_digest(run_config))
     return StateStore(str(state_dir), identity, fsync=fsync)

@@ -17,6 +17,8 @@ A reply that is an error, fails validation or never comes is counted in `clients
 the round goes on with the others. With fewer than `min-replies` valid replies the model is left
 unchanged for that round (logged; the row still records bytes and failures). Every row is on disk
 when the next round starts; an interrupted run writes summary.json with status "interrupted".
+After every row the server's checkpoint and model.pt follow (`checkpoint`), and `resume` goes on
+from them after a crash (fedsqueeze.engine.checkpoint).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fedsqueeze.algorithms.personal import summarize
 from fedsqueeze.config import RESOLVED_TABLE, Config
 from fedsqueeze.tracking import RunDir, Tracker
 
+from . import checkpoint
 from .client import client_half
 from .server import InvalidReply, Outbox, RejectedReply, Reply, Server, mean, weighted_mean
 
@@ -83,12 +86,43 @@ class Transport(Protocol):
 def run(
     cfg: Config, transport: Transport, observer: Observer | None = None, server: Server | None = None
 ) -> dict[str, Any]:
-    """Run every round of `cfg` through `transport`; returns the summary. `observer(event, data)` sees progress."""
+    """Run every round of `cfg` through `transport`; returns the summary. `observer(event, data)` sees progress.
+
+    With `checkpoint` on, the server's checkpoint and model.pt are written after every round; with
+    `resume` set, the run goes on from its directory's checkpoint (fedsqueeze.engine.checkpoint).
+    """
     started_at = time.time()
     server = server or Server(cfg)
-    # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
-    run_dir = RunDir.create(cfg.out_dir, cfg.name, {**cfg.to_run_config(), RESOLVED_TABLE: server.plan.resolved})
-    tracker = Tracker(run_dir, convex=bool(server.task.is_convex), target_accuracy=cfg.target_accuracy or None)
+    if cfg.resume:
+        run_dir = RunDir(cfg.resume)
+    else:
+        # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
+        config = {**cfg.to_run_config(), RESOLVED_TABLE: server.plan.resolved}
+        run_dir = RunDir.create(cfg.out_dir, cfg.name, config)
+    with checkpoint.locked(run_dir):
+        done = 0
+        if cfg.resume:
+            done = checkpoint.check(cfg)
+            checkpoint.rewind(run_dir, done)
+            server.load_state_dict(checkpoint.load(run_dir))
+            log.info("run %s: resumed after round %d", run_dir.path, done)
+        elif cfg.checkpoint:
+            _checkpoint(server, run_dir, 0)
+        return _rounds(cfg, transport, server, run_dir, done, started_at, observer)
+
+
+def _rounds(
+    cfg: Config,
+    transport: Transport,
+    server: Server,
+    run_dir: RunDir,
+    done: int,
+    started_at: float,
+    observer: Observer | None,
+) -> dict[str, Any]:
+    """Rounds done+1..rounds, then the summary."""
+    convex = bool(server.task.is_convex)
+    tracker = Tracker(run_dir, convex=convex, target_accuracy=cfg.target_accuracy or None, resume=done > 0)
     notify = observer or (lambda event, data: None)
     notify("start", {"run_dir": str(run_dir.path), "rounds": cfg.rounds, "params": server.uplink.numel})
     # Flower's own logger: this line reaches `flwr run --stream`, whose ServerApp runs in another directory
@@ -100,11 +134,13 @@ def run(
     try:
         transport.prepare(0)
         setup_s = time.time() - started_at
-        for server_round in range(1, cfg.rounds + 1):
-            if server_round > 1:
+        for server_round in range(done + 1, cfg.rounds + 1):
+            if server_round > done + 1:
                 transport.prepare(server_round)
             row = run_round(server, transport, server_round)
             row = tracker.record(server_round, **row)
+            if cfg.checkpoint:  # after the row: a checkpoint never runs ahead of metrics.jsonl
+                _checkpoint(server, run_dir, server_round)
             notify("round", row)
         status = "completed"
     finally:
@@ -116,14 +152,23 @@ def run(
             "setup_s": setup_s,
             "resolved": server.plan.resolved,
         }
+        if done:
+            extra["resumed_after_round"] = done
         if server.task.is_convex and server.task.objective is not None:
             optimum = server.task.optimum  # computed once (cached by the task), kept with the run
             extra["optimum"] = {"f_star": optimum.f, "grad_norm": optimum.grad_norm, "iterations": optimum.iterations}
             (Path(run_dir.path) / "optimum.json").write_text(json.dumps(optimum.to_dict()) + "\n")
-        server.save_model(Path(run_dir.path) / MODEL_FILE)
+        if not cfg.checkpoint:  # (with checkpoints, model.pt is the last complete round's already)
+            server.save_model(Path(run_dir.path) / MODEL_FILE)
         summary = tracker.finish(status=status, **extra)
         notify("finish", summary)
     return summary
+
+
+def _checkpoint(server: Server, run_dir: RunDir, server_round: int) -> None:
+    """model.pt, then the checkpoint: a checkpoint of round t always has model.pt of round t or later."""
+    server.save_model(Path(run_dir.path) / MODEL_FILE)
+    checkpoint.save(server.state_dict(server_round), run_dir)
 
 
 def run_round(server: Server, transport: Transport, server_round: int) -> dict[str, Any]:

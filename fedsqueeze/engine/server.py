@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,37 @@ class Server:
         #: back as feedback-ack, so that a client commits its memory update only for replies that counted)
         self.accepted: dict[int, int] = {}
         self._taken: list[int] = []
+        #: the run's identity, which a resumed run keeps (clients key their state files by it)
+        self.run_uid = uuid.uuid4().hex[:16]
+
+    # ---- checkpoint --------------------------------------------------------------------------
+    def state_dict(self, server_round: int) -> dict[str, object]:
+        """Everything the server needs to go on after `server_round` (fedsqueeze.engine.checkpoint)."""
+        return {
+            "round": server_round,
+            "run_uid": self.run_uid,
+            "x": self.x,
+            "aggregator": self.aggregator.state_dict(),
+            "downlink": None if self.downlink_server is None else self.downlink_server.state_dict(),
+            "synced": dict(self.synced),
+            "accepted": dict(self.accepted),
+            "algorithm": self.algorithm.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> int:
+        """Take up a checkpoint's state; returns the round it was written after."""
+        x = state["x"]
+        if not isinstance(x, torch.Tensor) or x.shape != self.x.shape:
+            raise ValueError(f"the checkpoint's model has shape {getattr(x, 'shape', None)}, this run's {self.x.shape}")
+        self.x = x.clone()
+        self.run_uid = str(state["run_uid"])
+        self.aggregator.load_state_dict(state["aggregator"])  # type: ignore[arg-type]
+        if self.downlink_server is not None:
+            self.downlink_server.load_state_dict(state["downlink"])  # type: ignore[arg-type]
+        self.synced = dict(state["synced"])  # type: ignore[call-overload]
+        self.accepted = dict(state["accepted"])  # type: ignore[call-overload]
+        self.algorithm.load_state_dict(state["algorithm"])  # type: ignore[arg-type]
+        return int(state["round"])  # type: ignore[call-overload]
 
     # ---- sampling and per-client config -------------------------------------------------------
     def select(self, server_round: int) -> Cohort:
@@ -124,6 +156,7 @@ class Server:
         seed = derive_seed(self.cfg.seed, server_round, "algorithm")
         config: dict[str, Scalar] = {
             protocol.SERVER_ROUND: server_round,
+            protocol.RUN_UID: self.run_uid,
             **self.algorithm.configure(server_round, partition_id, seed),
         }
         if self.plan.stateful:

@@ -12,6 +12,9 @@
   (`fedsqueeze.reaper`).
 
 Both write the same run directory (`out-dir/name/`); same config and seed give the same metrics.
+With `checkpoint` on (the default) the clients' state lives in files between their rounds, under
+`state-dir` or else the run directory's `clients/` (removed when the run completes), so that
+`resume = RUN_DIR` can go on after a crash from the server's checkpoint (fedsqueeze.engine.checkpoint).
 """
 
 from __future__ import annotations
@@ -52,21 +55,49 @@ class SimulationResult:
 def preflight(cfg: Config) -> None:
     """Everything that can fail before a run starts: the task (data files, options), the model, the
     compression plans (rules that match no parameter, operators that reject the layout), the feedback
-    mechanisms and `lr = "theory"` (compressor constants, a stepsize rule). Raises ConfigError."""
+    mechanisms, `lr = "theory"` (compressor constants, a stepsize rule) and a resume. Raises ConfigError."""
+    from fedsqueeze.engine import checkpoint
     from fedsqueeze.engine.plan import plan_for
 
     plan_for(cfg)
+    if cfg.resume:
+        checkpoint.check(cfg)  # its own config, a checkpoint, rounds left
 
 
 def simulate(
     cfg: Config, backend: str = "inprocess", observer: Observer | None = None, **options: Any
 ) -> SimulationResult:
     """Run `cfg` on a backend ("inprocess" or "ray"); `observer(event, data)` sees start/round/finish."""
-    if backend == "inprocess":
-        return run_inprocess(cfg, observer)
-    if backend == "ray":
-        return run_ray(cfg, observer, **options)
-    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    cfg = placed(cfg)
+    if cfg.resume:
+        from fedsqueeze.engine import checkpoint
+        from fedsqueeze.tracking import RunDir
+
+        run_dir = RunDir(cfg.resume)
+        with checkpoint.locked(run_dir):  # before anything starts: rows of a round that did not complete go
+            checkpoint.rewind(run_dir, checkpoint.check(cfg))
+    result = run_inprocess(cfg, observer) if backend == "inprocess" else run_ray(cfg, observer, **options)
+    owned = Path(cfg.state_dir) == result.run_dir / CLIENT_STATE_DIR
+    if owned and result.summary.get("status") == "completed":
+        shutil.rmtree(result.run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # nothing is left to resume
+    return result
+
+
+#: the folder of a run directory where a simulation keeps its clients' state (checkpoint on, no state-dir)
+CLIENT_STATE_DIR = "clients"
+
+
+def placed(cfg: Config) -> Config:
+    """The config with its run directory chosen now (absolute, as RunDir.create would pick it), so
+    that the runner knows where to look and the clients' state can live in it."""
+    if cfg.resume:
+        return cfg.replace(resume=str(Path(cfg.resume).resolve()))
+    cfg = _unique_run_name(cfg)
+    if cfg.checkpoint and not cfg.state_dir:
+        cfg = cfg.replace(state_dir=str(Path(cfg.out_dir) / cfg.name / CLIENT_STATE_DIR))
+    return cfg
 
 
 #: torch threads per client call in the in-process backend: one, as Flower's Ray backend gives each
@@ -92,27 +123,6 @@ def run_inprocess(
         if observer is not None:
             observer(event, data)
 
-    node_configs = None
-    if cfg.state_dir:
-        from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
-
-        from fedsqueeze.deploy.state import STATE_DIR_KEY, STATE_FSYNC_KEY
-
-        # a folder of this run's own: in-process runs all have run id 1, and a later run must never
-        # take an earlier run's client state for its own (the files stay: each client's last state)
-        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-        run_states = tempfile.mkdtemp(prefix="sim-", dir=cfg.state_dir)
-
-        # the nodes keep their state in files, as devices with `state-dir` in their node config do
-        node_configs = [
-            {
-                PARTITION_ID_KEY: i,
-                NUM_PARTITIONS_KEY: cfg.num_clients,
-                STATE_DIR_KEY: run_states,
-                STATE_FSYNC_KEY: False,
-            }
-            for i in range(cfg.num_clients)
-        ]
     t0 = time.perf_counter()
     grid, _ = run_apps(
         "fedsqueeze.server.app:app",
@@ -122,7 +132,6 @@ def run_inprocess(
         seed=cfg.seed,
         observer=watch,
         client_threads=client_threads,
-        node_configs=node_configs,
     )
     wall = time.perf_counter() - t0
     run_dir = Path(state["run_dir"])
@@ -329,8 +338,8 @@ def run_ray(
     """
     from fedsqueeze.tracking import read_metrics
 
-    cfg = _unique_run_name(cfg)
-    run_dir = Path(cfg.out_dir) / cfg.name
+    cfg = placed(cfg)
+    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / cfg.name
     # first of all: if this process dies, even by SIGKILL, the watchdog stops every process below the
     # ones started here and removes the temporary folders
     watchdog = Watchdog("fedsqueeze simulate --backend ray")
@@ -431,7 +440,7 @@ def run_ray(
             )
             notify("start", {"run_dir": str(run_dir), "rounds": cfg.rounds})
             deadline = None if timeout is None else time.monotonic() + timeout
-            seen = 0
+            seen = len(read_metrics(run_dir / "metrics.jsonl")) if cfg.resume else 0
             while True:
                 family.scan()  # processes re-parented away from the tree stay known, and are stopped
                 rows = read_metrics(run_dir / "metrics.jsonl") if run_dir.exists() else []
