@@ -124,11 +124,29 @@ def test_foreign_state_file_is_refused(tmp_path, other):
         store.load()
 
 
+def test_a_store_keeps_the_state_before_the_newest_and_reads_the_newest_before_a_round(tmp_path):
+    store = StateStore(tmp_path, IDENT)
+    assert store.load(before_round=1) is None and not store.exists()
+    store.save({"g": torch.full((2,), 3.0)}, server_round=3)
+    store.save({"g": torch.full((2,), 7.0)}, server_round=7)
+    assert store.load().server_round == 7
+    assert store.load(before_round=8).server_round == 7
+    # a server that resumed before round 7 repeats it: the client starts from its state of round 3
+    assert store.load(before_round=7).server_round == 3
+    assert torch.equal(store.load(before_round=7).tensors["g"], torch.full((2,), 3.0))
+    store.save({"g": torch.full((2,), 9.0)}, server_round=7)  # round 7 again: round 3's stays the previous
+    assert store.load(before_round=7).server_round == 3 and store.load().tensors["g"][0] == 9.0
+    assert store.load(before_round=3) is None
+
+
 def test_store_only_with_state_dir(tmp_path):
     assert store_for({"partition-id": 0}, 1, {}, 0) is None
     assert store_for({"state-dir": ""}, 1, {}, 0) is None
     store = store_for({"state-dir": str(tmp_path)}, 5, {"lr": 0.1}, 2)
-    assert store is not None and store.path == tmp_path / "run-5" / "partition-2.fsqstate"
+    assert store is not None and store.path == tmp_path / "run-5" / "partition-2.fsqstate" and store.fsync
+    # a simulation's state-dir comes in the run config: no fsync (the files need not survive a power cut)
+    sim = store_for({"partition-id": 2}, "ab12", {"state-dir": str(tmp_path)}, 2)
+    assert sim is not None and sim.path == tmp_path / "run-ab12" / "partition-2.fsqstate" and not sim.fsync
     # name and out-dir do not change what a client computes; lr does
     assert config_digest({"lr": 0.1, "name": "a"}) == config_digest({"lr": 0.1, "name": "b"})
     assert config_digest({"lr": 0.1}) != config_digest({"lr": 0.2})
@@ -162,30 +180,42 @@ def _cfg(tmp_path, name):
     )
 
 
-def test_client_writes_state_each_round_and_restores_it_after_a_restart(tmp_path, caplog):
+RUN_UID = "00112233445566778899aabbccddeeff"
+
+
+@pytest.fixture
+def fixed_run_uid(monkeypatch):
+    """The server's run uid known in advance (the clients key their state files by it)."""
+    import uuid
+
+    monkeypatch.setattr("fedsqueeze.engine.server.uuid.uuid4", lambda: uuid.UUID(RUN_UID))
+    return RUN_UID[:16]
+
+
+def test_client_writes_state_each_round_and_restores_it_after_a_restart(tmp_path, caplog, fixed_run_uid):
     state_dir = tmp_path / "state"
     cfg = _cfg(tmp_path, "first")
-    ident = StateIdentity(1, 0, config_digest(cfg.to_run_config()))
+    ident = StateIdentity(fixed_run_uid, 0, config_digest(cfg.to_run_config()))
     # what the node kept before its restart (a residual, say): the restarted ClientApp must use it
     kept = {"residual": torch.linspace(-1, 1, 11)}
-    StateStore(state_dir, ident).save(kept, server_round=4)
+    StateStore(state_dir, ident).save(kept, server_round=0)
     with caplog.at_level(logging.WARNING, logger="fedsqueeze.client"):
         _run(cfg, state_dir)
-    assert "restored the state of round 4" in caplog.text
-    for pid in (0, 1):
-        loaded = StateStore(state_dir, StateIdentity(1, pid, ident.config_digest)).load()
-        assert loaded.server_round == 2  # written after each round
+    assert "restored the state of round 0" in caplog.text
+    assert StateStore(state_dir, ident).load().server_round == 2  # written after each round
+    # partition 1 has nothing to keep (fedavg with top-k): no file is written for it
+    assert StateStore(state_dir, StateIdentity(fixed_run_uid, 1, ident.config_digest)).load() is None
     after = StateStore(state_dir, ident).load()
     assert torch.equal(after.tensors["residual"], kept["residual"])  # carried through, not dropped
     rows = [r for r in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if r]
     assert len(rows) == 2
 
 
-def test_corrupted_state_gives_an_error_reply_and_is_not_used(tmp_path, caplog):
+def test_corrupted_state_gives_an_error_reply_and_is_not_used(tmp_path, caplog, fixed_run_uid):
     state_dir = tmp_path / "state"
     cfg = _cfg(tmp_path, "bad")
-    store = StateStore(state_dir, StateIdentity(1, 0, config_digest(cfg.to_run_config())))
-    store.save({"residual": torch.ones(3)}, server_round=1)
+    store = StateStore(state_dir, StateIdentity(fixed_run_uid, 0, config_digest(cfg.to_run_config())))
+    store.save({"residual": torch.ones(3)}, server_round=0)
     store.path.write_bytes(store.path.read_bytes()[:-1] + b"\x00")
     with caplog.at_level(logging.WARNING):
         _run(cfg, state_dir)

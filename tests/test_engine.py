@@ -142,24 +142,30 @@ def test_three_hundred_clients_each_get_their_own_state(tmp_path):
 
 def test_client_state_on_disk_in_simulation_gives_the_same_run(tmp_path):
     common = ["num-clients=8", "cohort-size=3", "rounds=5", "feedback=ef21", "compressor=topk(0.1)"]
-    in_memory = simulate(_cfg(tmp_path, "name=memory", *common))
+    in_memory = simulate(_cfg(tmp_path, "name=memory", "checkpoint=false", *common))
     state_dir = tmp_path / "states"
     cfg = _cfg(tmp_path, "name=disk", f"state-dir={state_dir}", *common)
+    # state-dir in the node configs, as devices have it
     grid, _ = run_inprocess("fedsqueeze.server.app:app", "fedsqueeze.client.app:app", 8, cfg.to_run_config(),
                             seed=cfg.seed, node_configs=[{"partition-id": i, "num-partitions": 8,
                                                           "state-dir": str(state_dir)} for i in range(8)])  # fmt: skip
-    on_disk = simulate(cfg.replace(name="disk2"))  # through the runner: a folder of its own under state-dir
-    assert len([d for d in state_dir.iterdir() if d.name.startswith("sim-")]) == 1
+    on_disk = simulate(cfg.replace(name="disk2"))  # through the runner: state-dir in the run config
+    # by default (checkpoint on, no state-dir) the run directory holds the state until the run completes
+    default = simulate(_cfg(tmp_path, "name=default", *common))
+    assert not (default.run_dir / "clients").exists()
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
-    assert strip(on_disk.rows) == strip(in_memory.rows)
-    files = sorted((state_dir / "run-1").glob("*.fsqstate"))
-    assert files
+    assert strip(on_disk.rows) == strip(in_memory.rows) == strip(default.rows)
+    runs = sorted(state_dir.iterdir())
+    assert len(runs) == 2 and all(d.name.startswith("run-") for d in runs)  # a folder per run: its uid
     for pid in range(8):  # memory holds no client state between calls; the files do
         assert STATE_KEY not in grid.context(grid.node_for_partition(pid)).state
-    store = StateStore(str(state_dir), StateIdentity(1, int(files[0].stem.split("-")[-1]),
+    files = sorted(runs[0].glob("partition-*[0-9].fsqstate"))
+    assert files
+    store = StateStore(str(state_dir), StateIdentity(runs[0].name.removeprefix("run-"),
+                                                     int(files[0].stem.split("-")[-1]),
                                                      config_digest(cfg.to_run_config())))  # fmt: skip
     tensors = store.load().tensors
     assert "feedback.g" in tensors or "pending.round" in tensors

@@ -132,7 +132,8 @@ def rewind(run_dir: RunDir, done: int) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def locked(run_dir: RunDir, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """Hold the run directory's lock (waits up to `wait_s` for a dying holder; ConfigError after that)."""
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if not run_dir.path.is_dir():
+        raise ConfigError("resume", str(run_dir.path), "no such run directory")
     fd = os.open(run_dir.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s

@@ -76,6 +76,7 @@ def simulate(
         from fedsqueeze.tracking import RunDir
 
         run_dir = RunDir(cfg.resume)
+        checkpoint.check(cfg)
         with checkpoint.locked(run_dir):  # before anything starts: rows of a round that did not complete go
             checkpoint.rewind(run_dir, checkpoint.check(cfg))
     result = run_inprocess(cfg, observer) if backend == "inprocess" else run_ray(cfg, observer, **options)
@@ -93,7 +94,14 @@ def placed(cfg: Config) -> Config:
     """The config with its run directory chosen now (absolute, as RunDir.create would pick it), so
     that the runner knows where to look and the clients' state can live in it."""
     if cfg.resume:
-        return cfg.replace(resume=str(Path(cfg.resume).resolve()))
+        run_dir = Path(cfg.resume).resolve()
+        cfg = cfg.replace(resume=str(run_dir))
+        from fedsqueeze.tracking import RunDir
+
+        own = str(run_dir / CLIENT_STATE_DIR)
+        if not cfg.state_dir and RunDir(run_dir).read_config().get("state-dir") == own:
+            cfg = cfg.replace(state_dir=own)  # the folder the runner chose for the run's clients
+        return cfg
     cfg = _unique_run_name(cfg)
     if cfg.checkpoint and not cfg.state_dir:
         cfg = cfg.replace(state_dir=str(Path(cfg.out_dir) / cfg.name / CLIENT_STATE_DIR))
