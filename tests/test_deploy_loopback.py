@@ -113,12 +113,12 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
         assert rows_b[2]["clients_ok"] == 2, rows_b
         assert "restored the state of round" in nodes[0].log_text(), nodes[0].log_text()[-3000:]
         run_ids = [p.name for p in state_dir.iterdir()]
-        assert len(run_ids) == 2  # one directory per run
+        assert len(run_ids) == 2  # one directory per run (its uid, which a resumed server would keep)
         # run A's directory also holds a state file of partition 0; only run B's matches run B's config
         digest = config_digest(cfg_b.to_run_config())
         loaded = []
         for name in run_ids:
-            store = StateStore(state_dir, StateIdentity(int(name.removeprefix("run-")), 0, digest))
+            store = StateStore(state_dir, StateIdentity(name.removeprefix("run-"), 0, digest))
             try:
                 loaded.append(store.load())
             except StateError as exc:

@@ -40,7 +40,8 @@ def test_run_writes_config_metrics_summary_and_model(tmp_path):
     assert seen[0] == "start" and seen.count("round") == 2 and seen[-1] == "finish"
     run = load_run(result.run_dir)
     assert result.run_dir == tmp_path / "basic"
-    assert Config.from_run_config(run.config) == cfg  # config.toml is the resolved config
+    # config.toml is the resolved config, with the folder the runner gave the clients' state
+    assert Config.from_run_config(run.config) == cfg.replace(state_dir=str(result.run_dir / "clients"))
     assert [r["round"] for r in run.rows] == [1, 2]
     for row in run.rows:
         assert set(METRIC_KEYS) - {"subopt", "grad_norm_sq", "dist_sq"} <= set(row)
