@@ -24,14 +24,16 @@ from torch import nn
 
 from fedsqueeze import wire
 from fedsqueeze.algorithms import Algorithm, LocalConfig
-from fedsqueeze.config import Config
+from fedsqueeze.config import RANDOMNESS, Config
 from fedsqueeze.feedback import Broadcast, Outgoing
 from fedsqueeze.seeding import derive_seed, generator
 
 from . import protocol
 from .plan import RunPlan, plan_for
+from .shared import shared_seed_of
 
 Scalar = bool | int | float | str
+SHARED = RANDOMNESS[1]
 
 
 @dataclass
@@ -144,7 +146,10 @@ class ClientHalf:
         data = self.task.clients[partition_id]
         out = self.algorithm.client_step(x, self.model, data, self.task.loss_fn, local, state)
         update = out.update.detach().to(torch.float32).reshape(-1)
-        gen = generator(cfg.seed, server_round, partition_id, "up")
+        if cfg.randomness == SHARED:  # the round's cohort draws the same (fedsqueeze.engine.shared)
+            gen: torch.Generator | list[torch.Generator] = shared_seed_of(config).uplink(self.plan.uplink.keys())
+        else:
+            gen = generator(cfg.seed, server_round, partition_id, "up")
         mechanism = self.plan.mechanism
         self.settle(state, config.get(protocol.FEEDBACK_ACK))
         # a replayable mechanism's memory update is rebuilt from the payload when it is acknowledged

@@ -4,7 +4,8 @@
     train   server -> client: "broadcast" payloads  client -> server: "update" payloads
                               "config" {server-round, "metrics" {num-examples, train-loss,
                               feedback-ack, downlink-step,           compression-error, partition-id,
-                              downlink-resync, algorithm keys}       server-round, ...}
+                              downlink-resync, round-seed,           server-round, ...}
+                              algorithm keys}
 
 Payloads are `{group key: bytes}` (one `fedsqueeze.wire` message per group of the payload plan);
 the Flower apps carry each as `Array(dtype="uint8", shape=(n,), stype=STYPE, data=bytes)`.
@@ -33,7 +34,9 @@ FEEDBACK_ACK = "feedback-ack"
 DOWNLINK_STEP = "downlink-step"
 #: True: the broadcast is w itself, exact (the client's copy was stale)
 DOWNLINK_RESYNC = "downlink-resync"
-SERVER_KEYS = (SERVER_ROUND, FEEDBACK_ACK, DOWNLINK_STEP, DOWNLINK_RESYNC)
+#: the round's shared seed (randomness = "shared"; fedsqueeze.engine.shared), the same for the whole cohort
+ROUND_SEED = "round-seed"
+SERVER_KEYS = (SERVER_ROUND, FEEDBACK_ACK, DOWNLINK_STEP, DOWNLINK_RESYNC, ROUND_SEED)
 
 # ---- metric keys a client reports
 PARTITION_ID = "partition-id"
