@@ -119,8 +119,9 @@ def payloads_from(record: ArrayRecord) -> dict[str, bytes]:
 STATE_STYPE = "fedsqueeze/raw"
 
 
-def load_state(context: Context) -> dict[str, torch.Tensor]:
-    record = context.state.array_records.get(STATE_KEY)
+def load_state(context: Context, key: str = STATE_KEY) -> dict[str, torch.Tensor]:
+    """The tensors kept under `key` in the node's context.state ({} the first time)."""
+    record = context.state.array_records.get(key)
     if record is None:
         return {}
     out = {}
@@ -130,17 +131,18 @@ def load_state(context: Context) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
+def save_state(context: Context, state: dict[str, torch.Tensor], key: str = STATE_KEY) -> None:
+    """Keep `state` under `key` in the node's context.state (raw bytes; nothing when it is empty)."""
     if not state:
-        if STATE_KEY in context.state:
-            del context.state[STATE_KEY]
+        if key in context.state:
+            del context.state[key]
         return
     arrays = {}
-    for key, v in state.items():
+    for name, v in state.items():
         a = v.detach().cpu().contiguous().numpy()
         data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        arrays[key] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=data)
-    context.state[STATE_KEY] = ArrayRecord(arrays)
+        arrays[name] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=data)
+    context.state[key] = ArrayRecord(arrays)
 
 
 def _config(context: Context) -> Config:
