@@ -136,7 +136,8 @@ class Compressed(Strategy):
     ) -> Iterable[Message]:
         dense = records.dense_arrays(arrays)
         layout = Layout.of(dense)
-        if self.layout is not None and layout != self.layout:
+        # dtypes may change (FedAdam returns float64 arrays); the plans depend on names and shapes only
+        if self.layout is not None and (layout.pairs(), layout.order) != (self.layout.pairs(), self.layout.order):
             raise ValueError("the model's arrays changed between rounds: the payload plans no longer fit")
         self.layout = layout
         x = layout.flatten(dense)
