@@ -30,6 +30,8 @@ from fedsqueeze.engine.client import client_half
 STYPE = protocol.STYPE
 #: node config key: where this device keeps its copy of a file-backed task's data
 DATA_PATH_KEY = "data-path"
+#: node config key: how many partitions the federation's data has (Flower's simulation engine sets it)
+NUM_PARTITIONS_KEY = "num-partitions"
 STATE_KEY = "fedsqueeze.state"
 #: in context.state once this node's state is there and on disk (state-dir): no file to restore
 DURABLE_KEY = "fedsqueeze.durable"
@@ -45,6 +47,8 @@ def query(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     n = client_half(_config(context)).num_examples(pid)
     info = MetricRecord({protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: n})
+    if NUM_PARTITIONS_KEY in context.node_config:  # the federation's size, which num-clients follows
+        info[protocol.NUM_PARTITIONS] = int(context.node_config[NUM_PARTITIONS_KEY])
     return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
 
@@ -146,7 +150,12 @@ def save_state(context: Context, state: dict[str, torch.Tensor], key: str = STAT
 
 
 def _config(context: Context) -> Config:
-    cfg = _config_cached(tuple(sorted(context.run_config.items())))
+    """The run config as this node applies it: num-clients is the node config's num-partitions when it
+    has one (Flower's simulation engine gives every node one), as the ServerApp does (server.app)."""
+    items = dict(context.run_config)
+    if NUM_PARTITIONS_KEY in context.node_config:
+        items[protocol.NUM_CLIENTS] = int(context.node_config[NUM_PARTITIONS_KEY])
+    cfg = _config_cached(tuple(sorted(items.items())))
     path = context.node_config.get(DATA_PATH_KEY)
     return with_data_path(cfg, str(path)) if path else cfg
 

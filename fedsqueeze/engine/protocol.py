@@ -1,6 +1,7 @@
 """The message schema of a round and the protocol constants both halves share.
 
-    query   server -> client: {}                    client -> server: "info" {partition-id, num-examples}
+    query   server -> client: {}                    client -> server: "info" {partition-id, num-examples,
+                                                                              num-partitions (if set)}
     train   server -> client: "broadcast" payloads  client -> server: "update" payloads
                               "config" {server-round, "metrics" {num-examples, train-loss,
                               feedback-ack, downlink-step,           compression-error, partition-id,
@@ -40,6 +41,10 @@ SERVER_KEYS = (SERVER_ROUND, FEEDBACK_ACK, DOWNLINK_STEP, DOWNLINK_RESYNC, ROUND
 
 # ---- metric keys a client reports
 PARTITION_ID = "partition-id"
+#: in the query's answer: the node config's num-partitions, when it has one (num-clients follows it)
+NUM_PARTITIONS = "num-partitions"
+#: the run config key that follows it
+NUM_CLIENTS = "num-clients"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 COMPRESSION_ERROR = "compression-error"
