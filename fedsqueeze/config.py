@@ -4,7 +4,7 @@ Keys use dashes, as in the TOML file, `--set key=value` and Flower's run_config:
 
     name, task, partition, num-clients, cohort-size, rounds, local-steps, local-epochs, lr,
     batch-size, algorithm, mode, compressor, feedback, downlink, downlink-feedback, dense-below,
-    rules, seed, round-timeout, min-replies, target-accuracy, out-dir
+    rules, seed, randomness, round-timeout, min-replies, target-accuracy, out-dir
 
 `resolve(path, overrides)` is the one entry point; anything a user can get wrong raises
 `ConfigError` naming the key, the value and the valid choices, before a run starts.
@@ -46,6 +46,9 @@ THEORY_LR = "theory"
 MODES = ("delta", "gradient")
 #: "plain": the broadcast is C(x); "ef21p": the server sends C(x - w) and both sides keep w
 DOWNLINK_FEEDBACK = ("plain", "ef21p")
+#: "independent": each client draws its compressor's randomness from its own seed; "shared": every client
+#: of a round draws it from the round seed the server sends (fedsqueeze.engine.shared)
+RANDOMNESS = ("independent", "shared")
 #: the table of a run's config.toml holding values derived at start (lr = "theory" and its constants);
 #: a record of the run, ignored when the file is read back as a config
 RESOLVED_TABLE = "resolved"
@@ -118,6 +121,8 @@ class Config:
     dense_below: int = 0
     rules: tuple[TensorRule, ...] = ()
     seed: int = 0
+    #: where randomised compressors draw from: "independent" per client, or "shared" by the round's cohort
+    randomness: str = "independent"
     #: seconds the server waits for the replies of a round
     round_timeout: float = 600.0
     #: fewest valid replies that make a round count; fewer skip it
@@ -220,6 +225,8 @@ class Config:
         _check_modes(self)
         _non_negative_int("dense-below", self.dense_below)
         _non_negative_int("seed", self.seed)
+        if self.randomness not in RANDOMNESS:
+            raise ConfigError("randomness", self.randomness, "unknown kind of randomness", RANDOMNESS)
         _finite("round-timeout", self.round_timeout, lower=0.0, strict=True)
         _positive_int("min-replies", self.min_replies)
         if self.min_replies > self.cohort_count():
@@ -720,6 +727,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "dense-below": _parse_int,
     "rules": lambda k, v: parse_rules(k, _unquote(v) if isinstance(v, _Raw) else v),
     "seed": _parse_int,
+    "randomness": lambda k, v: _parse_str(k, v).strip(),
     "round-timeout": _parse_float,
     "min-replies": _parse_int,
     "target-accuracy": _parse_float,

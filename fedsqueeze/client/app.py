@@ -30,6 +30,8 @@ from fedsqueeze.engine.client import client_half
 STYPE = protocol.STYPE
 #: node config key: where this device keeps its copy of a file-backed task's data
 DATA_PATH_KEY = "data-path"
+#: node config key: how many partitions the federation's data has (Flower's simulation engine sets it)
+NUM_PARTITIONS_KEY = "num-partitions"
 STATE_KEY = "fedsqueeze.state"
 #: in context.state once this node's state is there and on disk (state-dir): no file to restore
 DURABLE_KEY = "fedsqueeze.durable"
@@ -45,6 +47,8 @@ def query(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     n = client_half(_config(context)).num_examples(pid)
     info = MetricRecord({protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: n})
+    if NUM_PARTITIONS_KEY in context.node_config:  # the federation's size, which num-clients follows
+        info[protocol.NUM_PARTITIONS] = int(context.node_config[NUM_PARTITIONS_KEY])
     return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
 
@@ -129,8 +133,9 @@ def payloads_from(record: ArrayRecord) -> dict[str, bytes]:
 STATE_STYPE = "fedsqueeze/raw"
 
 
-def load_state(context: Context) -> dict[str, torch.Tensor]:
-    record = context.state.array_records.get(STATE_KEY)
+def load_state(context: Context, key: str = STATE_KEY) -> dict[str, torch.Tensor]:
+    """The tensors kept under `key` in the node's context.state ({} the first time)."""
+    record = context.state.array_records.get(key)
     if record is None:
         return {}
     out = {}
@@ -140,21 +145,27 @@ def load_state(context: Context) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_state(context: Context, state: dict[str, torch.Tensor]) -> None:
+def save_state(context: Context, state: dict[str, torch.Tensor], key: str = STATE_KEY) -> None:
+    """Keep `state` under `key` in the node's context.state (raw bytes; nothing when it is empty)."""
     if not state:
-        if STATE_KEY in context.state:
-            del context.state[STATE_KEY]
+        if key in context.state:
+            del context.state[key]
         return
     arrays = {}
-    for key, v in state.items():
+    for name, v in state.items():
         a = v.detach().cpu().contiguous().numpy()
         data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        arrays[key] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=data)
-    context.state[STATE_KEY] = ArrayRecord(arrays)
+        arrays[name] = Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=STATE_STYPE, data=data)
+    context.state[key] = ArrayRecord(arrays)
 
 
 def _config(context: Context) -> Config:
-    cfg = _config_cached(tuple(sorted(context.run_config.items())))
+    """The run config as this node applies it: num-clients is the node config's num-partitions when it
+    has one (Flower's simulation engine gives every node one), as the ServerApp does (server.app)."""
+    items = dict(context.run_config)
+    if NUM_PARTITIONS_KEY in context.node_config:
+        items[protocol.NUM_CLIENTS] = int(context.node_config[NUM_PARTITIONS_KEY])
+    cfg = _config_cached(tuple(sorted(items.items())))
     path = context.node_config.get(DATA_PATH_KEY)
     return with_data_path(cfg, str(path)) if path else cfg
 

@@ -24,14 +24,17 @@ from torch import nn
 
 from fedsqueeze import wire
 from fedsqueeze.algorithms import Algorithm, LocalConfig
-from fedsqueeze.config import Config
-from fedsqueeze.feedback import Broadcast, Outgoing
+from fedsqueeze.config import RANDOMNESS, Config
+from fedsqueeze.feedback import Broadcast, Mechanism, Outgoing
 from fedsqueeze.seeding import derive_seed, generator
 
 from . import protocol
+from .payloads import UpdatePlan
 from .plan import RunPlan, plan_for
+from .shared import shared_seed_of
 
 Scalar = bool | int | float | str
+SHARED = RANDOMNESS[1]
 
 
 @dataclass
@@ -101,24 +104,7 @@ class ClientHalf:
 
     def settle(self, state: dict[str, torch.Tensor], acknowledged: object) -> None:
         """Commit the pending memory update if the server took in the reply it belongs to, else drop it."""
-        if protocol.PENDING_ROUND not in state:
-            return
-        sent_in = int(state.pop(protocol.PENDING_ROUND))
-        pending = {k: state.pop(k) for k in [k for k in state if k.startswith(protocol.PENDING)]}
-        ok = isinstance(acknowledged, int) and not isinstance(acknowledged, bool) and acknowledged == sent_in
-        if not ok:
-            return
-        mechanism = self.plan.mechanism
-        if mechanism.replayable:
-            groups = self.plan.uplink.groups
-            initial = bool(pending.pop(protocol.PENDING_INITIAL))
-            payload = [
-                wire.decode(pending[protocol.PENDING_PAYLOAD + g.key].numpy().tobytes(), g.numel) for g in groups
-            ]
-            new_state = mechanism.replay(state, payload, initial)
-        else:
-            new_state = {k.removeprefix(protocol.PENDING): v for k, v in pending.items()}
-        mechanism.commit(state, Outgoing(payload=None, sent=torch.empty(0), new_state=new_state))
+        settle(self.plan.mechanism, self.plan.uplink, state, acknowledged)
 
     def train(
         self,
@@ -144,7 +130,10 @@ class ClientHalf:
         data = self.task.clients[partition_id]
         out = self.algorithm.client_step(x, self.model, data, self.task.loss_fn, local, state)
         update = out.update.detach().to(torch.float32).reshape(-1)
-        gen = generator(cfg.seed, server_round, partition_id, "up")
+        if cfg.randomness == SHARED:  # the round's cohort draws the same (fedsqueeze.engine.shared)
+            gen: torch.Generator | list[torch.Generator] = shared_seed_of(config).uplink(self.plan.uplink.keys())
+        else:
+            gen = generator(cfg.seed, server_round, partition_id, "up")
         mechanism = self.plan.mechanism
         self.settle(state, config.get(protocol.FEEDBACK_ACK))
         # a replayable mechanism's memory update is rebuilt from the payload when it is acknowledged
@@ -165,16 +154,7 @@ class ClientHalf:
     def keep_pending(
         self, state: dict[str, torch.Tensor], outgoing: Outgoing, payloads: Mapping[str, bytes], server_round: int
     ) -> None:
-        """The memory update waits until the server says it took this reply in (the next time this client
-        is sampled): a reply that never arrives, or arrives after the round timeout, leaves client and
-        server memory in agreement. A replayable mechanism keeps it as the payload bytes it sent."""
-        if self.plan.mechanism.replayable:
-            for key, data in payloads.items():
-                state[protocol.PENDING_PAYLOAD + key] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-            state[protocol.PENDING_INITIAL] = torch.tensor(outgoing.initial)
-        else:
-            state.update({protocol.PENDING + k: v for k, v in outgoing.new_state.items()})
-        state[protocol.PENDING_ROUND] = torch.tensor(server_round, dtype=torch.int64)
+        keep_pending(self.plan.mechanism, state, outgoing, payloads, server_round)
 
 
 @functools.lru_cache(maxsize=4)
@@ -182,3 +162,46 @@ def client_half(cfg: Config) -> ClientHalf:
     """The ClientHalf of a run config in this process (it holds no client's state: the cache only saves
     building the plan and the model again for every message)."""
     return ClientHalf(cfg)
+
+
+# ---- the feedback acknowledgement protocol's client end (also used by fedsqueeze.flower's client mod)
+
+
+def settle(mechanism: Mechanism, uplink: UpdatePlan, state: dict[str, torch.Tensor], acknowledged: object) -> None:
+    """Commit the pending memory update if the server took in the reply it belongs to (`acknowledged`
+    names that reply's round), else drop it."""
+    if protocol.PENDING_ROUND not in state:
+        return
+    sent_in = int(state.pop(protocol.PENDING_ROUND))
+    pending = {k: state.pop(k) for k in [k for k in state if k.startswith(protocol.PENDING)]}
+    ok = isinstance(acknowledged, int) and not isinstance(acknowledged, bool) and acknowledged == sent_in
+    if not ok:
+        return
+    if mechanism.replayable:
+        initial = bool(pending.pop(protocol.PENDING_INITIAL))
+        payload = [
+            wire.decode(pending[protocol.PENDING_PAYLOAD + g.key].numpy().tobytes(), g.numel) for g in uplink.groups
+        ]
+        new_state = mechanism.replay(state, payload, initial)
+    else:
+        new_state = {k.removeprefix(protocol.PENDING): v for k, v in pending.items()}
+    mechanism.commit(state, Outgoing(payload=None, sent=torch.empty(0), new_state=new_state))
+
+
+def keep_pending(
+    mechanism: Mechanism,
+    state: dict[str, torch.Tensor],
+    outgoing: Outgoing,
+    payloads: Mapping[str, bytes],
+    server_round: int,
+) -> None:
+    """The memory update waits until the server says it took this reply in (the next time this client
+    is sampled): a reply that never arrives, or arrives after the round timeout, leaves client and
+    server memory in agreement. A replayable mechanism keeps it as the payload bytes it sent."""
+    if mechanism.replayable:
+        for key, data in payloads.items():
+            state[protocol.PENDING_PAYLOAD + key] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+        state[protocol.PENDING_INITIAL] = torch.tensor(outgoing.initial)
+    else:
+        state.update({protocol.PENDING + k: v for k, v in outgoing.new_state.items()})
+    state[protocol.PENDING_ROUND] = torch.tensor(server_round, dtype=torch.int64)

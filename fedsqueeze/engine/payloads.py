@@ -161,11 +161,19 @@ class UpdatePlan:
                 out[index] = piece
         return out
 
-    def compress(self, vector: torch.Tensor, generator: torch.Generator | None = None) -> list[Compressed]:
-        """One payload per group, in group order; all randomness from `generator`."""
+    def compress(
+        self, vector: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+    ) -> list[Compressed]:
+        """One payload per group, in group order; all randomness from `generator`, or from one generator
+        per group (shared randomness: each group's draws then never depend on the other groups')."""
+        pieces = self.split(vector)
+        if generator is None or isinstance(generator, torch.Generator):
+            return [g.compressor.compress(p.contiguous(), generator) for g, p in zip(self.groups, pieces, strict=True)]
+        if len(generator) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} generators (one per group), got {len(generator)}")
         return [
-            g.compressor.compress(piece.contiguous(), generator)
-            for g, piece in zip(self.groups, self.split(vector), strict=True)
+            g.compressor.compress(p.contiguous(), gen)
+            for g, p, gen in zip(self.groups, pieces, generator, strict=True)
         ]
 
     def decompress(self, payloads: Sequence[Compressed]) -> torch.Tensor:

@@ -16,7 +16,8 @@ Modes:
 `lr = "theory"` (values written under [resolved] in the run's config.toml):
 - delta mode: 1 / max_i L_i, a stable local gradient step on every client's loss;
 - gradient mode: the mechanism's stepsize from fedsqueeze.feedback.theory (ef21, efbv, diana) with the
-  compressor's (eta, omega), omega_av = omega / cohort (independent randomness); without feedback
+  compressor's (eta, omega), omega_av = omega / cohort (independent randomness) or omega (`randomness =
+  "shared"`, fedsqueeze.engine.shared); without feedback
   1 / ((1 + omega_av) L) for an unbiased compressor (1 / L uncompressed). Classic EF and biased
   compressors without feedback have no rule: give lr.
 L and L_i are exact for the logistic-regression tasks; otherwise L_i is the largest Hessian eigenvalue
@@ -37,7 +38,7 @@ from fedsqueeze.algorithms import Algorithm, build
 from fedsqueeze.algorithms._local import smoothness_estimate
 from fedsqueeze.algorithms.gradient import GradientStep
 from fedsqueeze.compressors import CompressorError
-from fedsqueeze.config import DOWNLINK_FEEDBACK, MODES, THEORY_LR, Config, ConfigError, build_task
+from fedsqueeze.config import DOWNLINK_FEEDBACK, MODES, RANDOMNESS, THEORY_LR, Config, ConfigError, build_task
 from fedsqueeze.feedback.theory import codec_constants, omega_average, theory_stepsize
 from fedsqueeze.seeding import derive_seed
 
@@ -45,6 +46,7 @@ from .payloads import UpdatePlan
 
 DELTA_MODE, GRADIENT_MODE = MODES
 PLAIN_DOWNLINK = DOWNLINK_FEEDBACK[0]
+SHARED = RANDOMNESS[1]
 
 #: power-iteration steps for the smoothness estimate of a task without an exact objective
 ESTIMATE_ITERS = 30
@@ -109,14 +111,16 @@ def _plan_cached(cfg: Config) -> RunPlan:
     uplink_dense = uplink.dense_like()
     try:
         mechanism = feedback.build(
-            cfg.feedback, uplink, dim=uplink.numel, num_clients=cfg.cohort_count(), dense=uplink_dense
-        )
+            cfg.feedback, uplink, dim=uplink.numel, num_clients=cfg.cohort_count(), dense=uplink_dense,
+            shared_randomness=cfg.randomness == SHARED,
+        )  # fmt: skip
     except feedback.FeedbackError as exc:
         raise ConfigError("feedback", cfg.feedback, str(exc), feedback.available()) from None
     down = None
     if cfg.downlink != "none" and cfg.downlink_feedback != PLAIN_DOWNLINK:
         down = feedback.Downlink(cfg.downlink_feedback, downlink)
-    resolved: dict[str, Any] = {}
+    # which randomness the compressors drew from, beside the constants the theory derived from it
+    resolved: dict[str, Any] = {"randomness": cfg.randomness}
     if cfg.feedback != "none" or cfg.mode == GRADIENT_MODE:
         resolved["feedback"] = mechanism.spec
     lr = cfg.lr
@@ -185,14 +189,15 @@ def theory_lr(
                 THEORY_LR,
                 "a biased compressor without feedback has no theory stepsize; use ef21 or efbv, or give lr",
             )
-        omega_av = omega_average(omega, cohort)
+        omega_av = omega_average(omega, cohort, cfg.randomness == SHARED)
         gamma = 1.0 / ((1.0 + omega_av) * consts["L"])
         return {"lr": gamma, "lr-rule": "1 / ((1 + omega_av) L)", "eta": eta, "omega": omega,
                 "omega_av": omega_av, **consts}  # fmt: skip
     try:
         values = theory_stepsize(
-            mechanism, uplink, dim=uplink.numel, num_clients=cohort, L=consts["L"], L_tilde=consts["L-tilde"]
-        )
+            mechanism, uplink, dim=uplink.numel, num_clients=cohort, L=consts["L"], L_tilde=consts["L-tilde"],
+            shared_randomness=cfg.randomness == SHARED,
+        )  # fmt: skip
     except feedback.FeedbackError as exc:
         raise ConfigError("lr", THEORY_LR, str(exc)) from None
     values = {k: v for k, v in values.items() if k not in ("L", "L_tilde", "mechanism")}

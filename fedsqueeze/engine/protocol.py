@@ -1,11 +1,12 @@
 """The message schema of a round and the protocol constants both halves share.
 
-    query   server -> client: {}                    client -> server: "info" {partition-id, num-examples}
+    query   server -> client: {}                    client -> server: "info" {partition-id, num-examples,
+                                                                              num-partitions (if set)}
     train   server -> client: "broadcast" payloads  client -> server: "update" payloads
                               "config" {server-round, "metrics" {num-examples, train-loss,
                               feedback-ack, downlink-step,           compression-error, partition-id,
                               downlink-resync, run-uid,              server-round, ...}
-                              algorithm keys}
+                              round-seed, algorithm keys}
 
 Payloads are `{group key: bytes}` (one `fedsqueeze.wire` message per group of the payload plan);
 the Flower apps carry each as `Array(dtype="uint8", shape=(n,), stype=STYPE, data=bytes)`.
@@ -36,10 +37,16 @@ DOWNLINK_STEP = "downlink-step"
 DOWNLINK_RESYNC = "downlink-resync"
 #: the run's identity (hex), which a resumed run keeps: clients key their state files by it
 RUN_UID = "run-uid"
-SERVER_KEYS = (SERVER_ROUND, FEEDBACK_ACK, DOWNLINK_STEP, DOWNLINK_RESYNC, RUN_UID)
+#: the round's shared seed (randomness = "shared"; fedsqueeze.engine.shared), the same for the whole cohort
+ROUND_SEED = "round-seed"
+SERVER_KEYS = (SERVER_ROUND, FEEDBACK_ACK, DOWNLINK_STEP, DOWNLINK_RESYNC, RUN_UID, ROUND_SEED)
 
 # ---- metric keys a client reports
 PARTITION_ID = "partition-id"
+#: in the query's answer: the node config's num-partitions, when it has one (num-clients follows it)
+NUM_PARTITIONS = "num-partitions"
+#: the run config key that follows it
+NUM_CLIENTS = "num-clients"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 COMPRESSION_ERROR = "compression-error"

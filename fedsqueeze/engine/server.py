@@ -38,6 +38,7 @@ from fedsqueeze.seeding import derive_seed, generator
 
 from . import protocol
 from .plan import plan_for
+from .shared import round_seed
 
 Scalar = bool | int | float | str
 
@@ -161,6 +162,8 @@ class Server:
         }
         if self.plan.stateful:
             config[protocol.FEEDBACK_ACK] = self.accepted.get(partition_id, 0)
+        if self.cfg.randomness == "shared":
+            config[protocol.ROUND_SEED] = round_seed(self.cfg.seed, server_round)
         return config
 
     # ---- downlink --------------------------------------------------------------------------

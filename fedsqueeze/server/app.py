@@ -6,7 +6,9 @@ everything else (sampling, configs, decoding, aggregation, rows) is `fedsqueeze.
 
 Before the first round the server asks every node for its partition id (a `query` message), so
 that sampling and aggregation order depend on partitions, never on node ids: the same config and
-seed give the same run on every backend.
+seed give the same run on every backend. Where the nodes report the federation's num-partitions
+(Flower's simulation engine does), num-clients follows it (`follow_federation`), so `flwr run .`
+trains every partition whatever the size of the federation.
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsqueeze.client.app import payload_record, payloads_from
-from fedsqueeze.config import Config
+from fedsqueeze.config import Config, ConfigError
 from fedsqueeze.engine import protocol
 from fedsqueeze.engine.loop import MODEL_FILE, Arrival, Exchange, Observer, run
 from fedsqueeze.engine.server import Outbox
 
 log = logging.getLogger("fedsqueeze.server")
+flwr_log = logging.getLogger("flwr")
 
-__all__ = ["MODEL_FILE", "FlowerTransport", "app", "run_server"]
+__all__ = ["MODEL_FILE", "FlowerTransport", "app", "follow_federation", "run_server"]
 
 #: how often the server looks for nodes that have not connected yet (deployment)
 NODE_POLL_S = 1.0
@@ -39,8 +43,53 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = Config.from_run_config(context.run_config)
-    run_server(grid, cfg, observer=getattr(grid, "observer", None))
+    cfg = follow_federation(grid, Config.from_run_config(context.run_config))
+    summary = run_server(grid, cfg, observer=getattr(grid, "observer", None))
+    # Flower's own logger reaches `flwr run --stream` and `flwr log`
+    run_dir = Path(summary.get("run_dir", cfg.run_dir())).resolve()
+    flwr_log.info("fedsqueeze: run %s: %s", summary.get("status", "?"), run_dir)
+
+
+def follow_federation(grid: Grid, cfg: Config) -> Config:
+    """The config with num-clients = the federation's num-partitions, when the nodes report one.
+
+    Flower's simulation engine gives every simulated SuperNode `partition-id` and `num-partitions`
+    (2 nodes by default, `--federation-config "num-supernodes=N"` for N); a deployment's node configs may
+    set them too. The nodes connected now are asked once (after waiting up to round-timeout for the
+    first to connect): if they report num-partitions N, every partition 0..N-1 takes part, and a config
+    that says otherwise is logged and follows N. Nodes that disagree about N are a ConfigError at once;
+    nodes without num-partitions leave num-clients as configured.
+    """
+    deadline = time.monotonic() + cfg.round_timeout
+    node_ids = sorted(grid.get_node_ids())
+    while not node_ids and time.monotonic() < deadline:
+        time.sleep(NODE_POLL_S)
+        node_ids = sorted(grid.get_node_ids())
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=protocol.QUERY, group_id="federation") for n in node_ids]
+    replies = grid.send_and_receive(msgs, timeout=max(cfg.round_timeout, DISCOVERY_TIMEOUT_S)) if msgs else []
+    counts: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        value = reply.content[protocol.INFO].get(protocol.NUM_PARTITIONS) if protocol.INFO in reply.content else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            counts[reply.metadata.src_node_id] = value
+    sizes = sorted(set(counts.values()))
+    if not sizes:
+        return cfg
+    if len(sizes) > 1:
+        raise ConfigError("num-clients", cfg.num_clients, f"the nodes disagree about num-partitions ({sizes}): "
+                          "each node's node config must give the same num-partitions")  # fmt: skip
+    (size,) = sizes
+    if size == cfg.num_clients:
+        flwr_log.info("fedsqueeze: %d partitions, one per node of the federation (num-clients)", size)
+        return cfg
+    flwr_log.warning(
+        "fedsqueeze: the federation's nodes hold %d partitions (num-partitions): num-clients = %d, not the %d of "
+        "the run config; for %d clients on Flower's simulation engine run with --federation-config "
+        '"num-supernodes=%d"', size, size, cfg.num_clients, cfg.num_clients, cfg.num_clients,
+    )  # fmt: skip
+    return cfg.replace(num_clients=size)
 
 
 def run_server(grid: Grid, cfg: Config, observer: Observer | None = None) -> dict[str, Any]:
