@@ -188,6 +188,8 @@ def capped_proportional(weights: Sequence[float], total: float) -> list[float]:
         raise SamplingError(f"importance: an expected cohort of {total} needs that many clients with positive weight")
     for _ in range(len(w) + 1):
         free = positive & ~capped
+        if not free.any():
+            break
         c = (total - capped.sum()) / w[free].sum()
         p = np.where(capped, 1.0, c * w)
         newly = free & (p >= 1.0)
