@@ -4,7 +4,9 @@ Keys use dashes, as in the TOML file, `--set key=value` and Flower's run_config:
 
     name, task, partition, num-clients, cohort-size, rounds, local-steps, local-epochs, lr,
     batch-size, algorithm, mode, compressor, feedback, downlink, downlink-feedback, dense-below,
-    rules, seed, randomness, round-timeout, min-replies, target-accuracy, out-dir
+    rules, seed, randomness, round-timeout, min-replies, target-accuracy, out-dir, aggregation,
+    max-update-norm, over-norm, max-examples, state-dir, sampling, local-round-cost, global-round-cost,
+    checkpoint, resume
 
 `resolve(path, overrides)` is the one entry point; anything a user can get wrong raises
 `ConfigError` naming the key, the value and the valid choices, before a run starts.
@@ -143,6 +145,14 @@ class Config:
     #: in-process simulation: keep each client's state in a file under this folder between its rounds
     #: (as devices do with the node config's state-dir), not in memory; "" keeps it in memory
     state_dir: str = ""
+    #: who takes part in a cohort (fedsqueeze.algorithms.sampling): "nice" (cohort-size clients uniformly,
+    #: the default), "block(blocks=4)", "stratified(clusters=4, by=labels|features|gradients)",
+    #: "importance(by=examples|smoothness)" (independent inclusion: cohort-size is the expected size)
+    sampling: str = "nice"
+    #: cost of one communication round inside a cohort (c1) and of one round between cohorts (c2): the
+    #: rows' total_cost is the sum over cohorts of c1 K + c2 (K rounds per cohort; 1 for most algorithms)
+    local_round_cost: float = 1.0
+    global_round_cost: float = 0.0
     #: after every round, write the server's checkpoint and model.pt to the run directory (resumable);
     #: in simulation the clients' state then lives in files (state-dir, or the run directory)
     checkpoint: bool = True
@@ -237,6 +247,9 @@ class Config:
                 f"1..{self.cohort_count()}",
             )
         _check_defences(self)
+        _check_sampling(self)
+        _finite("local-round-cost", self.local_round_cost, lower=0.0)
+        _finite("global-round-cost", self.global_round_cost, lower=0.0)
         _finite("target-accuracy", self.target_accuracy, lower=0.0)
         if self.target_accuracy > 1.0:
             raise ConfigError("target-accuracy", self.target_accuracy, "an accuracy is at most 1", "0 (off) to 1")
@@ -576,6 +589,50 @@ def _check_defences(cfg: Config) -> None:
         )  # fmt: skip
 
 
+def _check_sampling(cfg: Config) -> None:
+    """The sampling spec, and what a sampling or a cohort algorithm needs of the feedback mechanism.
+
+    A sampling with unequal p_i weighs each reply by s_i / p_i in the cohort mean: only server halves
+    that form the mean of the round's messages alone take per-reply weights (feedback none, ef; the
+    "mean" aggregation), and algorithms that report their own weights would override them. A cohort
+    algorithm (sppm) needs the estimate of its cohort's objective f_S, which the running means of
+    ef21, efbv and diana (they mix in the memories of clients outside the cohort) are not.
+    """
+    from fedsqueeze import feedback
+    from fedsqueeze.algorithms import build as build_algorithm
+    from fedsqueeze.algorithms.sampling import DEFAULT_SAMPLING, SAMPLINGS, SamplingError, parse_sampling
+
+    try:
+        name, _ = parse_sampling(cfg.sampling, cfg.num_clients)
+    except SamplingError as exc:
+        raise ConfigError("sampling", cfg.sampling, str(exc), list(SAMPLINGS)) from None
+    algorithm = build_algorithm(cfg.algorithm)
+    cohort_mean = feedback.mechanism(feedback.parse_spec(cfg.feedback)[0]).cohort_mean
+    if name != DEFAULT_SAMPLING:
+        if not cohort_mean:
+            raise ConfigError(
+                "feedback", cfg.feedback, f"sampling {cfg.sampling!r} weighs each reply by s_i / p_i, and "
+                f"{cfg.feedback!r} keeps running means over fixed client shares that take no per-reply weights",
+                ["none", "ef"],
+            )  # fmt: skip
+        if cfg.aggregation != "mean":
+            raise ConfigError(
+                "aggregation", cfg.aggregation, f"sampling {cfg.sampling!r} weighs each reply by s_i / p_i, "
+                "which a robust rule would ignore", ["mean"],
+            )  # fmt: skip
+        if algorithm.reports_weights:
+            raise ConfigError(
+                "sampling", cfg.sampling, f"algorithm {cfg.algorithm!r} weighs clients by values they report, "
+                "which would override the sampling's 1 / p_i weights", [DEFAULT_SAMPLING],
+            )  # fmt: skip
+    if algorithm.cohort_objective and not cohort_mean:
+        raise ConfigError(
+            "feedback", cfg.feedback, f"algorithm {cfg.algorithm!r} solves its cohort's subproblem from the "
+            f"cohort's own messages; {cfg.feedback!r} estimates the mean over every client's memory instead",
+            ["none", "ef"],
+        )  # fmt: skip
+
+
 def _task_names() -> list[str]:
     try:
         from fedsqueeze.tasks import available_tasks
@@ -737,6 +794,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max-update-norm": _parse_float,
     "over-norm": lambda k, v: _parse_str(k, v).strip(),
     "max-examples": _parse_int,
+    "sampling": lambda k, v: _parse_str(k, v).strip(),
+    "local-round-cost": _parse_float,
+    "global-round-cost": _parse_float,
     "checkpoint": _parse_bool,
     "resume": lambda k, v: _parse_str(k, v).strip(),
 }

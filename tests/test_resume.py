@@ -99,9 +99,27 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
         tracked.kill_all()
 
 
-def test_a_round_begun_but_not_completed_is_done_again(tmp_path):
-    """A crash between a round's row and its checkpoint (and a torn last line): the row goes, the round runs again."""
-    common = [*HARD, "rounds=4", "local-steps=3", f"out-dir={tmp_path}"]
+#: a cohort kept for 3 rounds, with the cg solver's server state and the s_i / p_i weights of stratified
+#: sampling; and localgd, whose clients keep the cohort's anchor x_t in their state
+COHORTS = [
+    "task=synthetic-logreg", "num-clients=8", "cohort-size=4", "sampling=stratified(clusters=4, by=labels)",
+    "compressor=qsgd(levels=16)", "mode=delta", "lr=0.1", "local-steps=2", "batch-size=0",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        [*HARD, "local-steps=3"],
+        [*COHORTS, "algorithm=sppm(gamma=2.0, inner=3, solver=cg)"],
+        [*COHORTS, "algorithm=sppm(gamma=2.0, inner=3, solver=localgd)"],
+    ],
+    ids=["ef21-ef21p", "sppm-cg", "sppm-localgd"],
+)
+def test_a_round_begun_but_not_completed_is_done_again(tmp_path, config):
+    """A crash between a round's row and its checkpoint (and a torn last line): the row goes, the round runs
+    again, also inside a cohort's inner rounds."""
+    common = [*config, "rounds=5", f"out-dir={tmp_path}"]
     reference = simulate(resolve(overrides=[*common, "name=reference"]))
 
     seen = []

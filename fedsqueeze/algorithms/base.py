@@ -18,8 +18,12 @@ personal parameters keep them there. `configure` lets the server half send per-c
 Algorithms register by name; `get(name)` imports `fedsqueeze.algorithms.<name>` on first use;
 `build(spec)` also takes arguments written like a call: "fedprox(mu=0.01)", "flix(alpha=[0.1, 0.5])".
 
-A cohort algorithm (several rounds per cohort) keeps the cohort it drew in `select` and returns it
-again until its inner rounds are done; `configure` tells its clients which inner round it is.
+The cohort comes from the run's sampling (`fedsqueeze.algorithms.sampling`, config key `sampling`),
+which declares every client's inclusion probability p_i; where the p_i differ the server weighs a
+reply by s_i / p_i (s_i the client's share), so the cohort mean estimates the mean over all clients.
+A cohort algorithm (several rounds per cohort, `sppm`) keeps the cohort it drew in `select` and
+returns it again until its inner rounds are done; `position` says which cohort and inner round a
+round is, and `configure` tells its clients.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from torch import nn
 
 from fedsqueeze.seeding import derive_seed, generator  # noqa: F401 (the algorithms' seeding, re-exported)
 from fedsqueeze.specs import SpecError, parse_call
+
+from .sampling import Cohort, Nice, Sampling
 
 Scalar = bool | int | float | str
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,26 +72,6 @@ class LocalConfig:
         return self.local_steps
 
 
-@dataclass(frozen=True)
-class Cohort:
-    """The clients that take part in a round and every client's inclusion probability P(i in S)."""
-
-    ids: tuple[int, ...]
-    #: p_i for every client of the population (sampled or not); an unbiased cohort objective
-    #: weighs client i by 1 / (n p_i)
-    probabilities: Mapping[int, float]
-
-
-def uniform_cohort(population: Sequence[int], size: int, gen: torch.Generator) -> Cohort:
-    """`size` clients drawn uniformly without replacement ("nice" sampling, p_i = size / n), sorted."""
-    ids = sorted(population)
-    k = min(size, len(ids))
-    if k < len(ids):
-        ids = sorted(ids[i] for i in torch.randperm(len(ids), generator=gen)[:k].tolist())
-    p = k / max(len(population), 1)
-    return Cohort(tuple(ids), {i: p for i in population})
-
-
 @dataclass
 class ClientOutput:
     """What the client half produces: the vector to communicate and what it reports."""
@@ -108,6 +94,11 @@ class Algorithm(ABC):
     reports_weights: bool = False
     #: True when every client's share in the objective is the same (`shares` then is uniform)
     uniform_shares: bool = False
+    #: True when the server step needs the estimate of the cohort's own objective f_S (SPPM-AS): a
+    #: feedback mechanism whose estimate mixes in the memories of clients outside the cohort cannot be used
+    cohort_objective: bool = False
+    #: who takes part in a round; the server half sets the run's (`sampling` key)
+    sampling: Sampling = Nice()
 
     @abstractmethod
     def client_step(
@@ -139,8 +130,14 @@ class Algorithm(ABC):
     # ---- server-side hooks -----------------------------------------------------------------
 
     def select(self, server_round: int, population: Sequence[int], size: int, gen: torch.Generator) -> Cohort:
-        """Who takes part this round: `size` clients uniformly at random (p_i = size / n)."""
-        return uniform_cohort(population, size, gen)
+        """Who takes part this round: a cohort drawn from `sampling` (the run's `sampling` key, which the
+        server sets; default nice: `size` clients uniformly at random, p_i = size / n)."""
+        return self.sampling.draw(population, size, gen)
+
+    def position(self, server_round: int) -> tuple[int, int]:
+        """(cohort t, inner round k) of a round, both from 1: one round per cohort unless an algorithm
+        keeps its cohort for several (the metrics row's `cohort` and `inner_round`)."""
+        return server_round, 1
 
     def configure(self, server_round: int, client: int, seed: int) -> dict[str, Scalar]:
         """What sampled `client` is told this round (`seed` is the round's, the same for every client)."""
@@ -178,7 +175,7 @@ class Algorithm(ABC):
 AGGREGATION_WEIGHT = "aggregation-weight"
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
-_HELPERS = {"base", "personal"}
+_HELPERS = {"base", "personal", "sampling"}
 
 
 def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:

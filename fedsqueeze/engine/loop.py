@@ -6,7 +6,8 @@
         outbox = server.broadcast(round, cohort)       # per-client config and payload bytes
         arrivals = transport.exchange(round, outbox)   # replies (payloads, metrics) or failures
         server.begin(); server.take(reply) for each valid reply, in partition order; server.finish
-        row = bytes, failures, losses, evaluation      # -> tracker (metrics.jsonl), observer
+        row = bytes, failures, losses, evaluation,     # -> tracker (metrics.jsonl), observer
+              cohort, inner_round, total_cost          # (algorithm.position; local/global-round-cost)
 
 Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
 Flower's simulation engine, a deployment); `LocalTransport` calls the client half directly, for
@@ -176,6 +177,9 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     t0 = time.perf_counter()
     cfg = server.cfg
     chosen = sorted(server.select(server_round).ids)
+    cohort, inner_round = server.algorithm.position(server_round)
+    # a cohort costs c1 per communication round in it and c2 once (the round between cohorts)
+    server.total_cost += cfg.local_round_cost + (cfg.global_round_cost if inner_round == 1 else 0.0)
     outbox = server.broadcast(server_round, chosen)
     exchange = transport.exchange(server_round, outbox, chosen)
 
@@ -225,6 +229,9 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
         "wall_s": time.perf_counter() - t0,
         "dense_uplink_bytes": 4 * server.uplink.numel * len(ok),
         "applied": applied,
+        "cohort": cohort,
+        "inner_round": inner_round,
+        "total_cost": server.total_cost,
     }
     # algorithms with personal models (flix, scafflix, lowrank) report each client's accuracy with the
     # global and with its personal model: mean, std, min and max over the valid replies

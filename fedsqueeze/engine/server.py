@@ -1,7 +1,8 @@
 """The server half of a round: sampling and per-client config through the algorithm's hooks, the
 broadcast, streaming decode and aggregation of the replies, the server step and evaluation.
 
-    cohort = algorithm.select(round, clients, cohort-size, generator(seed, round))   # ids, p_i
+    cohort = algorithm.select(round, clients, cohort-size, generator(seed, round))   # ids, p_i (the
+                         run's `sampling`, which the server builds and hands to the algorithm)
     config_i = {server-round, **algorithm.configure(round, i, seed), protocol keys}
     x --downlink plan--> payload bytes (the same for every client; with ef21p C(x - w), and the
                          dense w for a client that missed broadcasts)
@@ -13,7 +14,8 @@ broadcast, streaming decode and aggregation of the replies, the server step and 
 
 Every reply goes into the one aggregation path: the mechanism's server half, with the algorithm's
 client shares (`Algorithm.shares`), or the weight a reply reports for algorithms that report their
-own (`Algorithm.reply_weight`). Only the running sums are held: memory O(d) whatever the cohort,
+own (`Algorithm.reply_weight`), or s_i / p_i when the sampling's inclusion probabilities differ.
+Only the running sums are held: memory O(d) whatever the cohort,
 except with a robust `aggregation` rule (fedsqueeze.feedback.robust), which needs the whole cohort.
 """
 
@@ -31,8 +33,10 @@ import torch
 from fedsqueeze import wire
 from fedsqueeze.algorithms import Algorithm
 from fedsqueeze.algorithms.base import Cohort
+from fedsqueeze.algorithms.sampling import build_sampling
 from fedsqueeze.config import Config
 from fedsqueeze.feedback import SparseVector
+from fedsqueeze.feedback.base import client_shares
 from fedsqueeze.feedback.robust import robust_server
 from fedsqueeze.seeding import derive_seed, generator
 
@@ -89,9 +93,17 @@ class Server:
         self.uplink = self.plan.uplink
         self.downlink = self.plan.downlink
         self.algorithm: Algorithm = self.plan.new_algorithm()
+        # the sampling is the server's alone (stratified by gradients computes them here, from the task)
+        self.algorithm.sampling = build_sampling(cfg.sampling, self.task, self.plan.x0, self.model, cfg.seed)
         #: the one aggregation path: the mechanism's server half over the algorithm's client shares, or
         #: a robust rule in its place (feedback "none" only: see fedsqueeze.feedback.robust)
         shares = self.algorithm.shares(self.task)
+        self.shares = client_shares(cfg.num_clients, shares)
+        #: this round's cohort: its inclusion probabilities set the replies' weights
+        self.cohort: Cohort | None = None
+        self.unequal = False
+        #: sum over the rounds so far of local-round-cost, plus global-round-cost where a cohort starts
+        self.total_cost = 0.0
         if cfg.aggregation == "mean":
             self.aggregator = self.plan.mechanism.server(cfg.num_clients, shares)
         else:
@@ -122,6 +134,7 @@ class Server:
             "synced": dict(self.synced),
             "accepted": dict(self.accepted),
             "algorithm": self.algorithm.state_dict(),
+            "total_cost": self.total_cost,
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> int:
@@ -137,6 +150,7 @@ class Server:
         self.synced = dict(state["synced"])  # type: ignore[call-overload]
         self.accepted = dict(state["accepted"])  # type: ignore[call-overload]
         self.algorithm.load_state_dict(state["algorithm"])  # type: ignore[arg-type]
+        self.total_cost = float(state["total_cost"])  # type: ignore[arg-type]
         return int(state["round"])  # type: ignore[call-overload]
 
     # ---- sampling and per-client config -------------------------------------------------------
@@ -150,7 +164,17 @@ class Server:
                 f"{self.algorithm.name}.select returned clients {list(cohort.ids)}: "
                 f"expected ids in 0..{self.cfg.num_clients - 1}, each once"
             )
+        self.cohort = cohort
+        self.unequal = len(set(cohort.probabilities.values())) > 1
         return cohort
+
+    def cohort_weight(self, partition_id: int) -> float | None:
+        """A reply's weight in the cohort mean: s_i / p_i when the cohort's p_i differ (so that the mean
+        estimates the mean over all clients: Horvitz-Thompson weights, normalised over the replies), None
+        (the share s_i) when they are equal, which gives the same mean."""
+        if self.cohort is None or not self.unequal:
+            return None
+        return float(self.shares[partition_id]) / self.cohort.probabilities[partition_id]
 
     def client_config(self, server_round: int, partition_id: int) -> dict[str, Scalar]:
         """What a sampled partition is told this round: the round, the algorithm's values, the protocol's."""
@@ -226,6 +250,8 @@ class Server:
         extra = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in protocol.REPORTED}
         update = self.bound(self.decode(payloads))
         weight = self.algorithm.reply_weight(extra)
+        if weight is None:
+            weight = self.cohort_weight(partition_id)
         if weight is not None and (not math.isfinite(weight) or weight < 0):
             raise InvalidReply(f"aggregation weight must be a finite non-negative number, got {weight!r}")
         self.aggregator.add(partition_id, update, weight)

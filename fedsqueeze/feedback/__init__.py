@@ -33,7 +33,7 @@ use these halves through `fedsqueeze.engine` (config keys `feedback`, `downlink-
 from . import diana, ef, ef21, efbv, none  # noqa: F401  (register the built-in mechanisms)
 from .base import Codec, FeedbackError, Mechanism, Outgoing, ServerHalf, SparseVector
 from .downlink import Broadcast, Downlink, DownlinkServer, build_downlink
-from .registry import Context, available, build, parse_spec, register
+from .registry import Context, available, build, mechanism, parse_spec, register
 
 __all__ = [
     "Broadcast",
@@ -49,6 +49,7 @@ __all__ = [
     "available",
     "build",
     "build_downlink",
+    "mechanism",
     "parse_spec",
     "register",
 ]

@@ -128,6 +128,10 @@ class Mechanism(ABC):
     params: tuple[Param, ...] = ()
     #: state keys this mechanism keeps on the client (documentation and checks)
     client_keys: tuple[str, ...] = ()
+    #: True when the server's estimate is the weighted mean of this round's messages alone (none, ef):
+    #: it then takes per-reply weights (a sampling's s_i / p_i) and estimates a cohort's own objective;
+    #: False for running means over every client's memory (ef21, efbv, diana)
+    cohort_mean: bool = False
 
     def __init__(self, codec: Codec, dense: Codec | None = None) -> None:
         self.codec = codec

@@ -29,6 +29,7 @@ RESIDUAL = STATE_PREFIX + "e"
 
 @register("ef")
 class ErrorFeedback(Mechanism):
+    cohort_mean = True
     client_keys = (RESIDUAL,)
 
     def prepare(self, v, state, generator, *, eager=True):

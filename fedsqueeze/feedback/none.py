@@ -22,6 +22,7 @@ from .registry import register
 
 @register("none")
 class NoFeedback(Mechanism):
+    cohort_mean = True
     def prepare(self, v, state, generator, *, eager=True):
         v = check_vector(v)
         return Outgoing(self.codec.compress(v, generator), None, source=v)

@@ -36,6 +36,13 @@ def register(name: str) -> Callable[[M], M]:
     return decorate
 
 
+def mechanism(name: str) -> type[Mechanism]:
+    """The mechanism class registered as `name`; FeedbackError lists the valid names."""
+    if name not in _REGISTRY:
+        raise FeedbackError(f"unknown feedback {name!r}; valid names: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
 def available() -> list[str]:
     """Every feedback name, sorted."""
     return sorted(_REGISTRY)
