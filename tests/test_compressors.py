@@ -126,6 +126,24 @@ def test_inputs_at_the_edges_of_float32_compress_to_finite_values():
         assert torch.isfinite(y).all(), spec
 
 
+@pytest.mark.parametrize("spec", ["qsgd(levels=16)", "qsgd(levels=256)", "qsgd(levels=256, norm=linf)",
+                                  "qsgd(levels=65535, norm=linf)"])  # fmt: skip
+@pytest.mark.parametrize("peak", [1e-45, 1e-40, 1e-38])
+def test_subnormal_scales_give_valid_payloads(spec: str, peak: float):
+    """levels / scale overflows float32 for a subnormal scale: magnitudes must still be levels at most, and
+    the payload must decode (it used to carry magnitude -2**31 for the zeros, refused on the wire)."""
+    from fedsqueeze import wire
+
+    x = torch.tensor([peak, 0.0, -peak / 2, peak / 4, 0.0])
+    c = build(spec)
+    payload = c.compress(x, torch.Generator().manual_seed(0))
+    mags = payload.magnitudes.to(torch.int64)
+    assert int(mags.min()) >= 0 and int(mags.max()) <= c.levels and int(mags[1]) == 0 == int(mags[4])
+    y = c.decompress(wire.decode(wire.encode(payload), x.numel()))
+    # within one quantisation step (as float32 holds it: below its subnormal resolution, zero)
+    assert torch.all((y - x).abs() <= payload.scale / c.levels + 1.5e-45)
+
+
 def test_k_larger_than_dimension_is_an_error():
     with pytest.raises(CompressorError, match="k=20 is larger than the dimension d=10"):
         build("topk(k=20)").compress(torch.randn(10))

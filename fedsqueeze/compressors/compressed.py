@@ -119,6 +119,10 @@ class Quantized(Compressed):
 
     def to_dense(self) -> torch.Tensor:
         step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
+        if self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny:
+            # a subnormal step has few significant bits: scale in float64, round once to float32
+            values = (self.magnitudes.to(torch.float64) * (self.scale / self.levels)).to(torch.float32)
+            return torch.where(self.negative, -values, values).to(self.dtype)
         if self.device.type == "cpu":
             # magnitudes * step (exact float32 products, as below), then the sign bit set where
             # negative, chunk by chunk: one pass over the output, no temporaries of its size

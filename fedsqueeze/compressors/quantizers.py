@@ -114,7 +114,9 @@ class QSGD(Compressor):
                 negative, magnitudes = self._dither_cpu(xs, scale, rng, mag_dtype)
             return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes.to(mag_dtype))
         negative = x < 0
-        y = x.abs().to(torch.float32) * factor
+        y = x.abs().to(torch.float32)
+        # a scale so small (subnormal) that levels / scale overflows float32: divide, then multiply
+        y = y * factor if factor <= FLOAT32_MAX else (y / scale) * self.levels
         u = torch.rand(d, generator=device_generator(generator, x.device), device=x.device)
         magnitudes = self._round(y, u).to(mag_dtype)
         return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes)
@@ -129,13 +131,18 @@ class QSGD(Compressor):
         out = np.empty(xs.size, dtype=np.uint8 if mag_dtype == torch.uint8 else np.int32)
         y = np.empty(min(_CHUNK, xs.size), dtype=np.float32)
         low, u, up = np.empty_like(y), np.empty_like(y), np.empty(y.size, dtype=bool)
-        factor = np.float32(self.levels / scale) if scale > 0 else np.float32(0.0)
+        factor = self.levels / scale if scale > 0 else 0.0
+        # a scale so small (subnormal) that levels / scale overflows float32: divide by it, then multiply
+        tiny = factor > FLOAT32_MAX
+        factor32 = np.float32(self.levels if tiny else factor)
         for start in range(0, xs.size, _CHUNK):
             n = min(_CHUNK, xs.size - start)
             chunk, yv, lv, uv, upv = xs[start : start + n], y[:n], low[:n], u[:n], up[:n]
             np.signbit(chunk, out=negative[start : start + n])  # -0.0 too: it decodes to 0
             np.abs(chunk, out=yv)
-            np.multiply(yv, factor, out=yv)
+            if tiny:
+                np.divide(yv, np.float32(scale), out=yv)
+            np.multiply(yv, factor32, out=yv)
             np.floor(yv, out=lv)
             np.subtract(yv, lv, out=yv)  # yv is now the probability of rounding up
             rng.random(n, dtype=np.float32, out=uv)

@@ -328,7 +328,7 @@ class Server:
         """The current global model as a state_dict (written atomically)."""
         self._load_global()
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, tmp)
+        torch.save({k: v.detach() for k, v in self.model.state_dict().items()}, tmp)
         os.replace(tmp, path)
 
     # ---- evaluation ------------------------------------------------------------------------
