@@ -58,6 +58,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "identity": {"compressor": "identity"},
     "topk": COMPRESSED,
     "topk+ef21": {**COMPRESSED, "feedback": "ef21"},
+    # what the per-round checkpoint (and client state in files) costs: the same without them
+    "topk+ef21 no checkpoint": {**COMPRESSED, "feedback": "ef21", "checkpoint": False},
     "qsgd": {"compressor": "qsgd(levels=16)"},
     "powersgd": {"rules": "*.weight=powersgd(rank=4); *.bias=identity"},
     "topk-down+ef21p": {**COMPRESSED, "downlink": "topk(0.01)", "downlink-feedback": "ef21p"},
@@ -66,9 +68,10 @@ CONFIGS: dict[str, dict[str, object]] = {
 STATES = "<tmp>/states"
 #: memory-at-scale runs: (config keys, clients, cohort or None, rounds or None for --rounds, examples per client)
 SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
+    # the default: checkpoints on, so the clients' state lives in files (the run directory's clients/)
     "20c topk+ef21": ({**COMPRESSED, "feedback": "ef21"}, 20, None, None, 320),
-    "20c topk+ef21 state-dir": ({**COMPRESSED, "feedback": "ef21", "state-dir": STATES}, 20, None, None, 320),
-    # client state in files under the run's temporary folder (`state-dir`), not in memory
+    # no checkpoints: the clients' state in memory (Flower's context.state), as before resumable runs
+    "20c topk+ef21 in memory": ({**COMPRESSED, "feedback": "ef21", "checkpoint": False}, 20, None, None, 320),
     "1000c ef21 cohort 10": (
         {**COMPRESSED, "feedback": "ef21", "cohort-size": 10, "state-dir": STATES},
         1000,
@@ -80,7 +83,7 @@ SCALE: dict[str, tuple[dict[str, object], int, int | None, int | None, int]] = {
 SCALE_STEPS = 2
 TARGET_CLONES = 6.0
 TARGET_RATIO_10 = 1.10
-TARGET_RSS_MB = {"20c topk+ef21": 1500.0, "20c topk+ef21 state-dir": 1500.0, "1000c ef21 cohort 10": 4000.0}
+TARGET_RSS_MB = {"20c topk+ef21": 1500.0, "20c topk+ef21 in memory": 1500.0, "1000c ef21 cohort 10": 4000.0}
 BATCH, LR, SEED = 32, 0.01, 0
 
 
