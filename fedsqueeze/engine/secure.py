@@ -371,5 +371,3 @@ class LocalStages:
                 continue
             out.append(StageReply(pid, record, uplink_bytes=record_bytes(record)))
         return out
-
-

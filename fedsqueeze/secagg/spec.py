@@ -101,6 +101,6 @@ def check_compressor(spec: str, shared: bool) -> None:
             )
         if name in RANDOMISED and not shared:
             raise SecAggSpecError(
-                f"{spec!r} draws a support per client with randomness = \"independent\": the masks cancel only on "
-                "a support common to the cohort: set randomness = \"shared\""
+                f'{spec!r} draws a support per client with randomness = "independent": the masks cancel only on '
+                'a support common to the cohort: set randomness = "shared"'
             )
