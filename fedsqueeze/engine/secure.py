@@ -331,7 +331,8 @@ def _masked_upload(
 ) -> bytes:
     """Train as in a plain round, take the values on the round's support, weigh, round, mask."""
     config = message.config
-    if shared_seed_of(config).value != params.round_seed:
+    # (without shared randomness every group is dense: the support needs no seed)
+    if protocol.ROUND_SEED in config and shared_seed_of(config).value != params.round_seed:
         raise SecAggError("the training config's round seed is not the one the round parameters bind")
     weight = config.get(WEIGHT)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
