@@ -9,7 +9,8 @@
         row = bytes, failures, losses, evaluation,     # -> tracker (metrics.jsonl), observer
               cohort, inner_round, total_cost          # (algorithm.position; local/global-round-cost)
 
-Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
+With `secagg` set a round is four exchanges instead (`fedsqueeze.engine.secure`; transports then also
+have `stage`). Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
 Flower's simulation engine, a deployment); `LocalTransport` calls the client half directly, for
 library use and tests without Flower. Replies are taken in partition order whatever order they
 arrived in, so the result never depends on arrival order.
