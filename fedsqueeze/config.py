@@ -6,7 +6,7 @@ Keys use dashes, as in the TOML file, `--set key=value` and Flower's run_config:
     batch-size, algorithm, mode, compressor, feedback, downlink, downlink-feedback, dense-below,
     rules, seed, randomness, round-timeout, min-replies, target-accuracy, out-dir, aggregation,
     max-update-norm, over-norm, max-examples, state-dir, sampling, local-round-cost, global-round-cost,
-    checkpoint, resume
+    checkpoint, resume, secagg
 
 `resolve(path, overrides)` is the one entry point; anything a user can get wrong raises
 `ConfigError` naming the key, the value and the valid choices, before a run starts.
@@ -159,6 +159,9 @@ class Config:
     #: a run directory to continue from its last checkpoint (`fedsqueeze simulate --resume RUN_DIR`);
     #: every other key must equal the run's own
     resume: str = ""
+    #: "none", or "masked(threshold=t, bits=b, clip=c)": the server learns only the cohort's sum
+    #: (fedsqueeze.secagg; compressors and mechanisms whose decoding is a function of the sum)
+    secagg: str = "none"
 
     # ---- derived values --------------------------------------------------------------------
     def cohort_count(self) -> int:
@@ -248,6 +251,8 @@ class Config:
             )
         _check_defences(self)
         _check_sampling(self)
+        if check_specs:
+            _check_secagg(self)
         _finite("local-round-cost", self.local_round_cost, lower=0.0)
         _finite("global-round-cost", self.global_round_cost, lower=0.0)
         _finite("target-accuracy", self.target_accuracy, lower=0.0)
@@ -633,6 +638,45 @@ def _check_sampling(cfg: Config) -> None:
         )  # fmt: skip
 
 
+def _check_secagg(cfg: Config) -> None:
+    """The secagg value, and that every part of the run decodes from the cohort's sum (fedsqueeze.secagg.spec)."""
+    from fedsqueeze.algorithms import build as build_algorithm
+    from fedsqueeze.secagg.spec import EXAMPLE, NONE, SecAggSpecError, check_compressor, parse
+
+    try:
+        secagg = parse(cfg.secagg)
+    except SecAggSpecError as exc:
+        raise ConfigError("secagg", cfg.secagg, str(exc), [NONE, EXAMPLE]) from None
+    if secagg is None:
+        return
+    n = cfg.cohort_count()
+    if not n / 2 < secagg.threshold <= n:
+        raise ConfigError(
+            "secagg", cfg.secagg, f"the threshold must be above half the cohort of {n} clients and at most {n}, so "
+            "that no two disjoint groups of clients can each unmask a client", f"threshold in {n // 2 + 1}..{n}",
+        )  # fmt: skip
+    shared = cfg.randomness == RANDOMNESS[1]
+    for key, spec in [("compressor", cfg.compressor), *(("rules", r.spec) for r in cfg.rules)]:
+        try:
+            check_compressor(spec, shared)
+        except SecAggSpecError as exc:
+            raise ConfigError(key, spec, f"with secagg: {exc}") from None
+    if cfg.feedback != "none":
+        raise ConfigError(
+            "feedback", cfg.feedback, "with secagg the server sees only the cohort's sum of rounded messages, and "
+            "a feedback mechanism's client memory must follow each message as the server decodes it", ["none"],
+        )  # fmt: skip
+    if cfg.aggregation != "mean":
+        raise ConfigError("aggregation", cfg.aggregation, "a robust rule needs each client's vector, which secagg "
+                          "hides: only the sum is revealed", ["mean"])  # fmt: skip
+    if cfg.max_update_norm > 0:
+        raise ConfigError("max-update-norm", cfg.max_update_norm, "with secagg the server cannot see a reply's "
+                          "norm; the secagg clip bounds every coordinate instead", ["0"])  # fmt: skip
+    if build_algorithm(cfg.algorithm).reports_weights:
+        raise ConfigError("algorithm", cfg.algorithm, "it weighs clients by values they report each round, which "
+                          "secagg would have to reveal per client", ["fedavg"])  # fmt: skip
+
+
 def _task_names() -> list[str]:
     try:
         from fedsqueeze.tasks import available_tasks
@@ -799,6 +843,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "global-round-cost": _parse_float,
     "checkpoint": _parse_bool,
     "resume": lambda k, v: _parse_str(k, v).strip(),
+    "secagg": lambda k, v: _parse_str(k, v).strip(),
 }
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from fedsqueeze.config import Config, with_data_path
 from fedsqueeze.deploy.state import store_for
-from fedsqueeze.engine import protocol
+from fedsqueeze.engine import protocol, secure
 from fedsqueeze.engine.client import client_half
 
 STYPE = protocol.STYPE
@@ -37,6 +39,7 @@ STATE_KEY = "fedsqueeze.state"
 DURABLE_KEY = "fedsqueeze.durable"
 
 log = logging.getLogger("fedsqueeze.client")
+T = TypeVar("T")
 
 app = ClientApp()
 
@@ -69,7 +72,18 @@ def train(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     broadcast = payloads_from(msg.content[protocol.BROADCAST])
     config = dict(msg.content[protocol.CONFIG])
-    server_round = int(config[protocol.SERVER_ROUND])
+    result = with_state(context, config, pid, lambda state: client.train(pid, broadcast, config, state))
+    metrics = MetricRecord(result.report(pid))
+    content = RecordDict({protocol.UPDATE: payload_record(result.payloads), protocol.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def with_state(
+    context: Context, config: dict[str, object], pid: int, work: Callable[[dict[str, torch.Tensor]], T]
+) -> T:
+    """`work(state)` on this client's state, loaded before and kept after (context.state or state-dir)."""
+    client = client_half(_config(context))
+    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[call-overload]
     # the digest is of the resolved config, so it does not depend on how Flower typed the values
     store = store_for(context.node_config, run_identity(config, context), client.cfg.to_run_config(), pid)
     if store is None:
@@ -81,16 +95,64 @@ def train(msg: Message, context: Context) -> Message:
         state = {} if restored is None else restored.tensors
         if restored is not None and DURABLE_KEY not in context.state:
             log.warning("restored the state of round %d from %s", restored.server_round, store.path)
-    result = client.train(pid, broadcast, config, state)
+    result = work(state)
     if store is None:
         save_state(context, state)
     else:
         if state or store.exists():  # a stateless algorithm writes no files
             store.save(state, server_round)
         context.state[DURABLE_KEY] = ConfigRecord({protocol.SERVER_ROUND: server_round})
-    metrics = MetricRecord(result.report(pid))
-    content = RecordDict({protocol.UPDATE: payload_record(result.payloads), protocol.METRICS: metrics})
-    return Message(content, reply_to=msg)
+    return result
+
+
+# ---- secure aggregation: the four stages of a secure round (fedsqueeze.engine.secure) ---------------
+
+#: this node's secagg session (the round's secret keys, seed and shares) in context.state: it never leaves
+#: the node, and the unmask stage wipes it
+SECAGG_KEY = "fedsqueeze.secagg"
+
+
+def _stage(action: str, msg: Message, context: Context) -> Message:
+    client = client_half(_config(context))
+    pid = partition_id(context)
+    message = secure.StageMessage(
+        dict(msg.content[secure.RECORD]),
+        payloads_from(msg.content[protocol.BROADCAST]) if protocol.BROADCAST in msg.content else {},
+        dict(msg.content[protocol.CONFIG]) if protocol.CONFIG in msg.content else {},
+    )
+    record = context.state.config_records.get(SECAGG_KEY)
+    session: dict[str, object] = dict(record) if record is not None else {}
+    if action == secure.MASKED:
+        reply = with_state(
+            context,
+            message.config,
+            pid,
+            lambda state: secure.client_stage(client, action, pid, message, session, state),
+        )
+    else:
+        reply = secure.client_stage(client, action, pid, message, session)
+    context.state[SECAGG_KEY] = ConfigRecord(session)  # type: ignore[arg-type]
+    return Message(RecordDict({secure.RECORD: ConfigRecord(reply)}), reply_to=msg)  # type: ignore[arg-type]
+
+
+@app.query(secure.ADVERTISE)
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    return _stage(secure.ADVERTISE, msg, context)
+
+
+@app.query(secure.SHARE)
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _stage(secure.SHARE, msg, context)
+
+
+@app.train(secure.MASKED)
+def secagg_masked(msg: Message, context: Context) -> Message:
+    return _stage(secure.MASKED, msg, context)
+
+
+@app.query(secure.UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _stage(secure.UNMASK, msg, context)
 
 
 def run_identity(config: dict[str, object], context: Context) -> int | str:

@@ -8,6 +8,7 @@ To follow one round, read (in this order):
                  algorithm, compress through the mechanism, encode;
 4. `protocol.py` the message schema and the protocol constants both halves share;
 5. `fedsqueeze/algorithms/base.py` the algorithm hooks; `fedsqueeze/feedback/base.py` the mechanisms.
+`secure.py` runs a round as four exchanges when `secagg` is set (fedsqueeze.secagg is the protocol).
 `plan.py` (what both halves build from a config) and `payloads.py` (the per-tensor codec plan) are
 the shared set-up. The Flower apps (`fedsqueeze.server.app`, `fedsqueeze.client.app`) only translate
 Messages and Context into these calls.

@@ -9,7 +9,8 @@
         row = bytes, failures, losses, evaluation,     # -> tracker (metrics.jsonl), observer
               cohort, inner_round, total_cost          # (algorithm.position; local/global-round-cost)
 
-Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
+With `secagg` set a round is four exchanges instead (`fedsqueeze.engine.secure`; transports then also
+have `stage`). Transports: `fedsqueeze.server.app` carries messages through a Flower Grid (the in-process backend,
 Flower's simulation engine, a deployment); `LocalTransport` calls the client half directly, for
 library use and tests without Flower. Replies are taken in partition order whatever order they
 arrived in, so the result never depends on arrival order.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ from fedsqueeze.tracking import RunDir, Tracker
 
 from . import checkpoint
 from .client import client_half
+from .secure import LocalStages, StageMessage, StageReply, secure_round
 from .server import InvalidReply, Outbox, RejectedReply, Reply, Server, mean, weighted_mean
 
 log = logging.getLogger("fedsqueeze.server")
@@ -174,6 +176,8 @@ def _checkpoint(server: Server, run_dir: RunDir, server_round: int) -> None:
 
 def run_round(server: Server, transport: Transport, server_round: int) -> dict[str, Any]:
     """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
+    if server.cfg.secagg != "none":  # several exchanges per round (fedsqueeze.engine.secure)
+        return secure_round(server, transport, server_round)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     cfg = server.cfg
     chosen = sorted(server.select(server_round).ids)
@@ -260,11 +264,21 @@ class LocalTransport:
     computed by the client but never reach the server, as a reply lost on the network.
     """
 
-    def __init__(self, cfg: Config, lost: Callable[[int, int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        lost: Callable[[int, int], bool] | None = None,
+        dropped: Callable[[int, str, int], bool] | None = None,
+    ) -> None:
         self.client = client_half(cfg)
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.lost = lost or (lambda server_round, pid: False)
         self.calls: list[tuple[int, int]] = []
+        #: secure rounds' stages; `dropped(round, stage, pid)` loses that stage's reply
+        self.stages = LocalStages(self.client, self.states, dropped)
+
+    def stage(self, server_round: int, action: str, messages: Mapping[int, StageMessage]) -> list[StageReply]:
+        return self.stages.stage(server_round, action, messages)
 
     def prepare(self, server_round: int) -> None:
         pass

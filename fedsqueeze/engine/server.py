@@ -268,6 +268,18 @@ class Server:
             metrics=extra,
         )
 
+    def secure_weight(self, partition_id: int) -> float:
+        """A reply's weight when only the cohort's sum is seen (secagg): s_i / p_i, or the share s_i."""
+        weight = self.cohort_weight(partition_id)
+        return float(self.shares[partition_id]) if weight is None else weight
+
+    def take_sum(self, total: torch.Tensor | SparseVector, partition_ids: Sequence[int], share: float) -> None:
+        """Add the weighted sum of several replies at once, as secure aggregation reveals it."""
+        self.aggregator.add_sum(list(partition_ids), total, share)
+        self._taken.extend(partition_ids)
+        if self.downlink_server is not None:
+            self.synced.update({pid: self.downlink_server.step for pid in partition_ids})
+
     def decode(self, payloads: Mapping[str, bytes]) -> torch.Tensor | SparseVector:
         """The vector a reply's payloads stand for, checked against the layout the server expects
         (a SparseVector when every payload is sparse: it is added at its support, never made dense)."""

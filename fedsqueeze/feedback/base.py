@@ -262,6 +262,20 @@ class ServerHalf(ABC):
         self._share += p
         self._add(cid, p, vec)
 
+    def add_sum(self, cids: Sequence[int], total: Message, share: float) -> None:
+        """Take in sum_{i in cids} p_i v_i at once, as secure aggregation reveals it, with share =
+        sum_{i in cids} p_i (server halves whose sums are linear in the messages only: `sum_only`)."""
+        if not self.sum_only:
+            raise FeedbackError(f"{type(self).__name__} needs each client's message, not only the cohort's sum")
+        if not cids or set(cids) & self._round or len(set(cids)) != len(cids):
+            raise FeedbackError(f"clients {list(cids)}: empty, repeated or already taken in this round")
+        self._round.update(cids)
+        self._share += share
+        self._add(cids[0], 1.0, total)
+
+    #: True when the round's sums are linear in the messages (so a sum of messages can be added as one)
+    sum_only: bool = False
+
     def finish(self) -> torch.Tensor:
         """The estimate from the messages taken in since `begin`."""
         if not self._round:

@@ -35,6 +35,7 @@ class CohortMean(ServerHalf):
     """g = sum_{i in S} p_i v_i / P_S; keeps nothing between rounds."""
 
     reweighable = True
+    sum_only = True
 
     def _start(self) -> None:
         self._sum = Sum()

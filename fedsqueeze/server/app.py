@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsqueeze.client.app import payload_record, payloads_from
 from fedsqueeze.config import Config, ConfigError
-from fedsqueeze.engine import protocol
+from fedsqueeze.engine import protocol, secure
 from fedsqueeze.engine.loop import MODEL_FILE, Arrival, Exchange, Observer, run
 from fedsqueeze.engine.server import Outbox
 
@@ -131,6 +131,46 @@ class FlowerTransport:
             msgs.append((pid, node, msg))
         downlink = outbox.bytes_to([pid for pid, _, _ in msgs])
         return Exchange(self._arrivals(server_round, msgs, missing), downlink)
+
+    def stage(
+        self, server_round: int, action: str, messages: Mapping[int, secure.StageMessage]
+    ) -> list[secure.StageReply]:
+        """One stage of a secure round: `query.<action>` messages (`train.<action>` for the masked
+        upload, which carries the broadcast and the training config), one reply or failure each."""
+        category = protocol.TRAIN if action == secure.MASKED else protocol.QUERY
+        out, msgs = [], {}
+        for pid, message in messages.items():
+            node = self.nodes.get(pid)
+            if node is None:
+                out.append(secure.StageReply(pid, failure="no node holds it"))
+                continue
+            content = RecordDict({secure.RECORD: ConfigRecord(message.record)})  # type: ignore[arg-type]
+            if message.payloads:
+                content[protocol.BROADCAST] = payload_record(message.payloads)
+            if message.config:
+                content[protocol.CONFIG] = ConfigRecord(message.config)  # type: ignore[arg-type]
+            msg = Message(content, dst_node_id=node, message_type=f"{category}.{action}", group_id=str(server_round))
+            msgs[pid] = msg
+        replies = self.grid.send_and_receive(list(msgs.values()), timeout=self.cfg.round_timeout) if msgs else []
+        sent = {m.metadata.message_id: pid for pid, m in msgs.items()}
+        answered = set()
+        for reply in replies:
+            pid = sent.get(reply.metadata.reply_to_message_id)
+            if pid is None or pid in answered:
+                continue
+            answered.add(pid)
+            if reply.has_error():
+                out.append(secure.StageReply(pid, failure=f"error reply: {reply.error.reason}"))
+                continue
+            try:
+                record = {k: v for k, v in reply.content[secure.RECORD].items() if isinstance(v, bytes)}
+            except KeyError:
+                out.append(secure.StageReply(pid, failure="a reply without its secagg record"))
+                continue
+            out.append(secure.StageReply(pid, record, uplink_bytes=secure.record_bytes(record)))
+        timeout = self.cfg.round_timeout
+        out.extend(secure.StageReply(p, failure=f"no reply within {timeout:g} s") for p in msgs if p not in answered)
+        return out
 
     def _arrivals(
         self, server_round: int, msgs: list[tuple[int, int, Message]], missing: list[Arrival]
