@@ -5,7 +5,9 @@ One SuperLink serves every scenario (each start costs seconds, each round ~17 s 
   run A: 2 rounds with a compressor and error feedback (EF21); metrics and bytes equal the in-process
          simulation's;
          meanwhile a SuperNode with an unregistered key is refused and one without the CA cannot connect;
-  run B: 3 rounds; SuperNode 0 is restarted after round 1 and restores its state from state-dir.
+  run B: 3 rounds; SuperNode 0 is restarted after round 1 and restores its state from state-dir;
+  run C: 2 rounds of secure aggregation (shared rand-k, masked sums) between the same TLS nodes: every
+         stage of the protocol crosses the deployment, with the in-process simulation's byte counts.
 Every process is stopped by its PID (process group) in a finally block, also when an assertion fails.
 """
 
@@ -127,6 +129,21 @@ def test_deployment_on_loopback(tmp_path, monkeypatch):
         # EF21's g_i (what the restarted node restored) and the update of round 3, awaiting acknowledgement
         # as the payload it sent (top-k bytes, not a dense copy of g_i)
         assert {"feedback.g", "pending.payload.default", "pending.round"} <= set(loaded[0].tensors)
+
+        # ---- run C: secure aggregation through the deployment ------------------------------------------
+        cfg_c = resolve(overrides=["num-clients=2", "local-steps=3", "compressor=randk(0.2)", "randomness=shared",
+                                   "secagg=masked(threshold=2, bits=8, clip=0.05)", f"out-dir={runs}",
+                                   "name=deploy-c", "rounds=2", "round-timeout=120"])  # fmt: skip
+        run_c = dep.run_app(ROOT, cfg_c)
+        wait_for(runs / "deploy-c" / "summary.json", RUN_LIMIT_S, [run_c, *nodes], "run C's summary")
+        assert json.loads((runs / "deploy-c" / "summary.json").read_text())["status"] == "completed"
+        rows_c = _rows(runs / "deploy-c")
+        assert [(r["clients_ok"], r["applied"]) for r in rows_c] == [(2, True), (2, True)], rows_c
+        local_c = simulate(cfg_c.replace(name="sim-c"))
+        assert [r["uplink_bytes"] for r in rows_c] == [r["uplink_bytes"] for r in local_c.rows]
+        assert [r["downlink_bytes"] for r in rows_c] == [r["downlink_bytes"] for r in local_c.rows]
+        # the rounding noise comes from each client's OS, so the floats differ, by little at 8 bits
+        assert abs(rows_c[-1]["test_accuracy"] - local_c.rows[-1]["test_accuracy"]) < 0.1
     finally:
         dep.close()
     for proc in dep.procs:
