@@ -42,7 +42,7 @@ SOLVER = "cg"
 C1, C2 = 0.1, 1.0  # hierarchical: a hub round is ten times cheaper than a server round
 TARGET = 0.02  # f - f* relative to f(x0) - f*
 BUDGET = 800  # plain cost (rounds) per run at most
-LOCALGD = [(steps, lr) for steps in (1, 2, 4) for lr in (0.25, 0.5, 1.0, 1.5)]  # local steps x stepsize
+LOCALGD = [(steps, lr) for steps in (1, 2, 4) for lr in (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)]  # local steps x stepsize
 STALL = 200  # a run whose best f - f* at a cohort's end has not improved for this many rounds has stalled
 BUILTIN = ("digits-logreg(reg=0.01, test_fraction=0)", "shards(2)")
 QUICK = {"ks": (1, 4), "gammas": (32.0,), "budget": 60, "localgd": [(1, 1.0)]}
@@ -63,7 +63,7 @@ def first_hit(server: Server, budget: int) -> dict[str, float] | None:
         if row["inner_round"] != inner:
             continue
         if row["subopt"] <= TARGET * start:
-            return {"plain": float(r), "hierarchical": row["total_cost"], "cohorts": row["cohort"]}
+            return {"plain": float(r), "hierarchical": round(row["total_cost"], 9), "cohorts": row["cohort"]}
         lowest, since = (row["subopt"], r) if row["subopt"] < lowest else (lowest, since)
         if r - since >= STALL:
             return None
@@ -134,7 +134,8 @@ def table(results: dict[str, Any]) -> str:
         f"Total cost to reach f(x) - f* <= {results['target']:g} (f(x0) - f*): task `{results['task']}`, "
         f"partition `{results['partition']}`, 100 clients, cohort 10, SPPM-AS solver `{results['solver']}`.",
         f"Plain: c1 = 1, c2 = 0 (cost T K). Hierarchical: c1 = {results['c1']:g}, c2 = {results['c2']:g} "
-        f"(cost T (c1 K + c2)). A dash: not reached within {results['budget']} rounds. "
+        f"(cost T (c1 K + c2)). A dash: not reached within {results['budget']} rounds, or stalled "
+        f"(no lower f - f* at a cohort's end for {STALL} rounds). "
         f"Written by `python simulations/cohort/run.py` in {results['seconds']:.0f} s.",
         "",
     ]
@@ -164,26 +165,33 @@ def table(results: dict[str, Any]) -> str:
                 cells.append(f"{v[model]:g}" if v else "-")
             lines.append(f"| {steps} | " + " | ".join(cells) + " |")
         base = best(results["localgd"], model)
+        strat = next(iter(results.get("localgd_stratified", {}).items()), None)
         lines.append("")
         if base:
             steps, lr = base[0].split()
-            lines.append(f"- LocalGD, best of the grid ({steps} local steps, lr {lr}): **{base[1]:g}**.")
-            for key, v in results.get("localgd_stratified", {}).items():
-                steps, lr = key.split()
-                cost = f"{v[model]:g}" if v else "not reached"
-                lines.append(
-                    f"- LocalGD with stratified sampling at the setting best under nice ({steps} local "
-                    f"steps, lr {lr}): {cost}."
-                )
+            lines.append(f"- LocalGD, best of the grid (local steps {steps}, lr {lr}): **{base[1]:g}**.")
+        if strat:
+            steps, lr = strat[0].split()
+            cost = f"{strat[1][model]:g}" if strat[1] else "not reached"
+            lines.append(f"- LocalGD with stratified sampling at that setting: {cost}.")
         for sampling in SAMPLINGS:
             mine = best({k: v for k, v in sppm.items() if k.startswith(sampling + " ")}, model)
             if not mine:
                 continue
             _, gamma, k = mine[0].split()
-            saving = f", {100 * (1 - mine[1] / base[1]):.1f} % lower than LocalGD" if base else ""
-            lines.append(f"- SPPM-AS {sampling}, best (gamma {gamma}, K = {k}): **{mine[1]:g}**{saving}.")
+            against = [("LocalGD", base[1] if base else None)]
+            if sampling == "stratified" and strat and strat[1]:
+                against.append(("stratified LocalGD", strat[1][model]))
+            said = "".join(f", {relative(mine[1], cost)} than {name}" for name, cost in against if cost)
+            lines.append(f"- SPPM-AS {sampling}, best (gamma {gamma}, K = {k}): **{mine[1]:g}**{said}.")
         lines.append("")
     return "\n".join(lines)
+
+
+def relative(cost: float, baseline: float) -> str:
+    """'38.5 % lower' or '105.1 % higher'."""
+    change = 100 * (1 - cost / baseline)
+    return f"{change:.1f} % lower" if change >= 0 else f"{-change:.1f} % higher"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
