@@ -104,6 +104,35 @@ def test_more_inner_rounds_bring_the_iterate_closer_and_full_participation_conve
     assert rows[-1]["dist_sq"] < 1e-8
 
 
+def test_the_last_cg_round_goes_to_the_line_minimum_however_far_it_lies(tmp_path):
+    """K = 2: a gradient at x_t, the probe x_t - eta g, then the secant line minimum along -g. The theory
+    step eta = 1 / (L_S + 1/gamma) from the multinomial bound on L_i falls well short of that minimum
+    here, and the result must be the line minimum (to the secant's accuracy), not the probe (the gd step
+    of K = 1, which would waste the second round)."""
+    task = "synthetic-logreg(num_features=10, num_classes=5, reg=0.1, min_samples=30, max_samples=30)"
+    gamma = 10.0
+    cfg = resolve(overrides=[f"task={task}", *BASE, f"out-dir={tmp_path}", "cohort-size=8",
+                             f"algorithm=sppm(gamma={gamma}, inner=2, solver=cg)"])  # fmt: skip
+    server, _, _ = _rounds(cfg, 2)
+    obj, x0 = server.task.objective, server.plan.x0.to(torch.float64)
+
+    def phi(y):
+        return obj.f(y) + float((y - x0).pow(2).sum()) / (2 * gamma)
+
+    g = obj.grad(x0)  # grad phi at x_t = x0
+    eta = 1.0 / (sum(obj.L_i) / len(obj.L_i) + 1.0 / gamma)
+    lo, hi = 0.0, 100 * eta  # exact line minimum of the convex phi(x0 - a g) by bisection on its slope
+    for _ in range(200):
+        a = (lo + hi) / 2
+        y = x0 - a * g
+        slope = -float((obj.grad(y) + (y - x0) / gamma) @ g)
+        lo, hi = (a, hi) if slope < 0 else (lo, a)
+    best = phi(x0 - lo * g)
+    assert lo > 2 * eta  # the case in point: the minimum lies beyond twice the probe step
+    gd_gap = phi(x0 - eta * g) - best
+    assert phi(server.x.to(torch.float64)) - best < 0.05 * gd_gap
+
+
 def test_every_inner_round_is_a_round_with_its_bytes_the_same_cohort_and_the_cost_columns(tmp_path):
     K, T, c1, c2 = 3, 4, 0.5, 3.0
     cfg = _cfg(tmp_path, f"algorithm=sppm(gamma=2.0, inner={K}, solver=localgd)", "cohort-size=3",

@@ -16,8 +16,11 @@ Solvers (one round = one exchange with the cohort):
   direction d, from which a secant step gives the exact line minimum of a quadratic, and the gradient
   at the new iterate is interpolated between the two evaluations (exact for quadratics, so on a
   quadratic this is linear CG; on logistic losses the probe s is the predicted step, so the
-  interpolation error shrinks with the step). K = 1 is one gd step; the rows of the intermediate rounds
-  evaluate the probe point.
+  interpolation error shrinks with the step). The last round needs no gradient at its result, so it
+  goes to the secant's line minimum however far it lies (were it capped at the probe, the last round's
+  gradient would be wasted: the theory stepsize from L_S underestimates the line minimum on logistic
+  losses, and K = 2 would return the gd step of K = 1). K = 1 is one gd step; the rows of the
+  intermediate rounds evaluate the probe point.
 - `localgd`: each client runs local-steps gradient steps on f_i(y) + ||y - x_t||^2 / (2 gamma W_S)
   (W_S = sum_S w_i, so the w_i-weighted sum of the local problems is phi_t) from the broadcast y and
   sends its delta; the server averages with the weights w_i (FedProx-like; the client keeps x_t in
@@ -210,13 +213,13 @@ class SPPM(Algorithm):
         if not (math.isfinite(c) and c > 0):  # phi is (1/gamma)-strongly convex; noise may say otherwise
             c = 1.0 / eta
         alpha = -slope / (c * dd)
+        if last:  # no gradient is needed at the result, so nothing bounds the step: the secant's line minimum
+            return cg.y + alpha * cg.d
         if alpha <= 2 * cg.s:  # the line minimum, its gradient interpolated (error factor |1 - alpha/s| <= 1)
             y = cg.y + alpha * cg.d
             g = cg.g + (alpha / cg.s) * (g_z - cg.g)
         else:  # the probe fell far short: it is the new iterate, with its exact gradient
             y, g = z, g_z
-        if last:
-            return y
         beta = max(0.0, float(g @ (g - cg.g)) / max(float(cg.g @ cg.g), 1e-300))
         d = -g + beta * cg.d
         if float(g @ d) >= 0:  # not a descent direction: restart
