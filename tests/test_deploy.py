@@ -137,6 +137,14 @@ def test_a_store_keeps_the_state_before_the_newest_and_reads_the_newest_before_a
     store.save({"g": torch.full((2,), 9.0)}, server_round=7)  # round 7 again: round 3's stays the previous
     assert store.load(before_round=7).server_round == 3 and store.load().tensors["g"][0] == 9.0
     assert store.load(before_round=3) is None
+    # a crash left a temporary file: the next rotation writes over it (or over the discarded previous
+    # state), and only the two states stay
+    (store.path.parent / f".{store.path.name}.tmp").write_bytes(b"torn" * 1000)
+    store.save({"g": torch.full((2,), 11.0)}, server_round=8)
+    store.save({"g": torch.full((2,), 12.0)}, server_round=9)
+    assert sorted(p.name for p in store.path.parent.iterdir()) == [store.path.name, store.previous_path.name]
+    assert store.load().server_round == 9 and store.load(before_round=9).server_round == 8
+    assert torch.equal(store.load(before_round=9).tensors["g"], torch.full((2,), 11.0))
 
 
 def test_store_only_with_state_dir(tmp_path):
