@@ -29,6 +29,18 @@ class Call:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def bind(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The arguments by name, positional ones in `names` order; SpecError for too many or an unknown one."""
+        valid = ", ".join(names) or "none"
+        if len(self.args) > len(names):
+            raise SpecError(f"{self.name} takes at most {len(names)} arguments ({valid})")
+        bound = dict(zip(names, self.args, strict=False))
+        for key, value in self.kwargs.items():
+            if key not in names:
+                raise SpecError(f"{self.name} has no argument {key!r}; valid: {valid}")
+            bound[key] = value
+        return bound
+
 
 def parse_call(spec: str, *, example: str = "name(arg, key=value)") -> Call:
     """One `name` or `name(args)`; SpecError (with `example`) if the text is not that."""

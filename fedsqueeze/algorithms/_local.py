@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import LocalConfig, LossFn, derive_seed, generator
+from .base import ClientOutput, LocalConfig, LossFn, derive_seed, generator
 
 
 def params_of(model: nn.Module) -> list[nn.Parameter]:
@@ -71,6 +71,13 @@ class Batches:
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         return self.inputs[idx], self.labels[idx]
+
+
+def one_gradient(x: torch.Tensor, model: nn.Module, data: object, loss_fn: LossFn, cfg: LocalConfig) -> ClientOutput:
+    """The client's reply of gradient steps: grad f_i(x) on one mini-batch (the whole split for batch 0)."""
+    inputs, labels = train_split(data)
+    loss, grad = flat_grad(model, x, loss_fn, *Batches(inputs, labels, cfg.batch_size, cfg.seed).next())
+    return ClientOutput(update=grad.to(torch.float32), num_examples=len(labels), train_loss=loss)
 
 
 def train_split(data: object) -> tuple[torch.Tensor, torch.Tensor]:

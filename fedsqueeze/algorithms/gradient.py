@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._local import Batches, flat_grad, train_split
+from ._local import one_gradient
 from .base import Algorithm, ClientOutput, LocalConfig, LossFn, register
 
 
@@ -39,10 +39,7 @@ class GradientStep(Algorithm):
         cfg: LocalConfig,
         state: dict[str, torch.Tensor],
     ) -> ClientOutput:
-        inputs, labels = train_split(data)
-        xb, yb = Batches(inputs, labels, cfg.batch_size, cfg.seed).next()
-        loss, grad = flat_grad(model, x, loss_fn, xb, yb)
-        return ClientOutput(update=grad.to(torch.float32), num_examples=len(labels), train_loss=loss)
+        return one_gradient(x, model, data, loss_fn, cfg)
 
     def server_step(self, x: torch.Tensor, estimate: torch.Tensor, server_round: int) -> torch.Tensor:
         return x - self.lr * estimate.to(x.dtype)

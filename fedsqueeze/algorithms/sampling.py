@@ -221,14 +221,10 @@ def parse_sampling(spec: str, num_clients: int | None = None) -> tuple[str, dict
         raise SamplingError(f"sampling spec: {exc}") from None
     if call.name not in SAMPLINGS:
         raise SamplingError(f"unknown sampling {call.name!r}; valid: {', '.join(SAMPLINGS)}")
-    names = SAMPLINGS[call.name]
-    if len(call.args) > len(names):
-        raise SamplingError(f"{call.name} takes at most {len(names)} arguments ({', '.join(names)})")
-    args: dict[str, object] = dict(zip(names, call.args, strict=False))
-    for key, value in call.kwargs.items():
-        if key not in names:
-            raise SamplingError(f"{call.name} has no argument {key!r}; valid: {', '.join(names)}")
-        args[key] = value
+    try:
+        args: dict[str, object] = call.bind(SAMPLINGS[call.name])
+    except SpecError as exc:
+        raise SamplingError(str(exc)) from None
     n = num_clients
     if call.name == "nice" and "tau" in args:
         Nice(args["tau"])  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ._local import Batches, flat_grad, steps_of, train_split
+from ._local import Batches, flat_grad, one_gradient, steps_of, train_split
 from .base import Algorithm, ClientOutput, Cohort, LocalConfig, LossFn, register
 
 SOLVERS = ("gd", "localgd", "cg")
@@ -162,11 +162,10 @@ class SPPM(Algorithm):
         cfg: LocalConfig,
         state: dict[str, torch.Tensor],
     ) -> ClientOutput:
+        if self.solver != "localgd":  # gd, cg: grad f_i at the broadcast point
+            return one_gradient(x, model, data, loss_fn, cfg)
         inputs, labels = train_split(data)
         batches = Batches(inputs, labels, cfg.batch_size, cfg.seed)
-        if self.solver != "localgd":  # gd, cg: grad f_i at the broadcast point
-            loss, grad = flat_grad(model, x, loss_fn, *batches.next())
-            return ClientOutput(update=grad.to(torch.float32), num_examples=len(labels), train_loss=loss)
         cohort, inner = int(cfg.extra["cohort"]), int(cfg.extra["inner"])
         if inner == 1:
             state[ANCHOR], state[ANCHOR_COHORT] = x.detach().clone(), torch.tensor(cohort)

@@ -31,6 +31,7 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,11 +64,16 @@ def save(state: dict[str, Any], run_dir: RunDir) -> None:
         raise
 
 
-def load(run_dir: RunDir) -> dict[str, Any]:
-    """The run's checkpoint (ConfigError if it has none or it is unreadable)."""
+def _path(run_dir: RunDir) -> Path:
     path = run_dir.path / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError("resume", str(run_dir.path), f"no {CHECKPOINT_FILE} there (a run with checkpoint = false?)")
+    return path
+
+
+def load(run_dir: RunDir) -> dict[str, Any]:
+    """The run's checkpoint (ConfigError if it has none or it is unreadable)."""
+    path = _path(run_dir)
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 (whatever torch raises for a damaged file)
@@ -79,9 +85,7 @@ def load(run_dir: RunDir) -> dict[str, Any]:
 
 def last_round(run_dir: RunDir) -> int:
     """The last round the run's checkpoint completed, read without loading its tensors."""
-    path = run_dir.path / CHECKPOINT_FILE
-    if not path.is_file():
-        return load(run_dir)["round"]  # raises the error that says why
+    path = _path(run_dir)
     try:
         return int(torch.load(path, weights_only=True, map_location="cpu", mmap=True)["round"])
     except Exception as exc:  # noqa: BLE001

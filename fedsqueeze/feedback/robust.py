@@ -38,14 +38,10 @@ def parse_rule(spec: str) -> tuple[str, dict[str, float]]:
         raise FeedbackError(f"aggregation: {exc}") from None
     if call.name not in RULES:
         raise FeedbackError(f"unknown aggregation {call.name!r}; valid: {', '.join(RULES)}")
-    names = RULES[call.name]
-    if len(call.args) > len(names):
-        raise FeedbackError(f"{call.name} takes at most {len(names)} arguments ({', '.join(names) or 'none'})")
-    args = dict(zip(names, call.args, strict=False))
-    for key, value in call.kwargs.items():
-        if key not in names:
-            raise FeedbackError(f"{call.name} has no argument {key!r}; valid: {', '.join(names) or 'none'}")
-        args[key] = value
+    try:
+        args = call.bind(RULES[call.name])
+    except SpecError as exc:
+        raise FeedbackError(str(exc)) from None
     for key, value in args.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FeedbackError(f"{call.name}: {key} must be a number, got {value!r}")
