@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,8 +42,9 @@ from fedsqueeze.tracking import RunDir, Tracker
 
 from . import checkpoint
 from .client import client_half
+from .lane import Lane
 from .secure import LocalStages, StageMessage, StageReply, secure_round
-from .server import InvalidReply, Outbox, RejectedReply, Reply, Server, mean, weighted_mean
+from .server import InvalidReply, Outbox, RejectedReply, Reply, Server, mean, weighted_mean, write_model
 
 log = logging.getLogger("fedsqueeze.server")
 
@@ -102,7 +104,7 @@ def run(
         # [resolved]: what the run derived at start (theory stepsize and constants, feedback parameters)
         config = {**cfg.to_run_config(), RESOLVED_TABLE: server.plan.resolved}
         run_dir = RunDir.create(cfg.out_dir, cfg.name, config)
-    with checkpoint.locked(run_dir):
+    with checkpoint.locked(run_dir), Lane() as lane:
         done = 0
         if cfg.resume:
             done = checkpoint.check(cfg)
@@ -110,8 +112,8 @@ def run(
             server.load_state_dict(checkpoint.load(run_dir))
             log.info("run %s: resumed after round %d", run_dir.path, done)
         elif cfg.checkpoint:
-            _checkpoint(server, run_dir, 0)
-        return _rounds(cfg, transport, server, run_dir, done, started_at, observer)
+            _checkpoint(server, run_dir, 0, lane)
+        return _rounds(cfg, transport, server, run_dir, done, started_at, observer, lane)
 
 
 def _rounds(
@@ -122,8 +124,9 @@ def _rounds(
     done: int,
     started_at: float,
     observer: Observer | None,
+    lane: Lane,
 ) -> dict[str, Any]:
-    """Rounds done+1..rounds, then the summary."""
+    """Rounds done+1..rounds, then the summary (the server's own work on `lane`: see fedsqueeze.engine.lane)."""
     convex = bool(server.task.is_convex)
     tracker = Tracker(run_dir, convex=convex, target_accuracy=cfg.target_accuracy or None, resume=done > 0)
     notify = observer or (lambda event, data: None)
@@ -140,13 +143,16 @@ def _rounds(
         for server_round in range(done + 1, cfg.rounds + 1):
             if server_round > done + 1:
                 transport.prepare(server_round)
-            row = run_round(server, transport, server_round)
+            row = run_round(server, transport, server_round, lane)
             row = tracker.record(server_round, **row)
             if cfg.checkpoint:  # after the row: a checkpoint never runs ahead of metrics.jsonl
-                _checkpoint(server, run_dir, server_round)
+                _checkpoint(server, run_dir, server_round, lane)
             notify("round", row)
+        lane.drain()  # the last checkpoint is on disk before the run says it completed
         status = "completed"
     finally:
+        if status != "completed":  # let a checkpoint being written end (an error there is already on its way)
+            _quietly(lane.drain)
         extra: dict[str, Any] = {
             "run_dir": str(Path(run_dir.path)),
             "task": _plain(server.task.info),
@@ -168,16 +174,38 @@ def _rounds(
     return summary
 
 
-def _checkpoint(server: Server, run_dir: RunDir, server_round: int) -> None:
-    """model.pt, then the checkpoint: a checkpoint of round t always has model.pt of round t or later."""
-    server.save_model(Path(run_dir.path) / MODEL_FILE)
-    checkpoint.save(server.state_dict(server_round), run_dir)
+def _checkpoint(server: Server, run_dir: RunDir, server_round: int, lane: Lane) -> None:
+    """model.pt, then the checkpoint: a checkpoint of round t always has model.pt of round t or later.
+
+    Both are taken now and written on the lane while the next round's first client trains: the
+    server's state_dict is a snapshot (x is replaced by each server step, never changed in place,
+    and the mechanism and downlink halves hand over copies), and the next round's takes queue
+    behind the write."""
+    model, state = server.model_state(), server.state_dict(server_round)
+    lane.submit(_write_checkpoint, model, state, run_dir)
 
 
-def run_round(server: Server, transport: Transport, server_round: int) -> dict[str, Any]:
-    """One round; returns the metrics of its row (without the cumulative columns the tracker adds)."""
+def _write_checkpoint(model: dict[str, torch.Tensor], state: dict[str, Any], run_dir: RunDir) -> None:
+    write_model(model, Path(run_dir.path) / MODEL_FILE)
+    checkpoint.save(state, run_dir)
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - only on the way out of a run that already failed
+        log.exception("while stopping the run")
+
+
+def run_round(server: Server, transport: Transport, server_round: int, lane: Lane | None = None) -> dict[str, Any]:
+    """One round; returns the metrics of its row (without the cumulative columns the tracker adds).
+
+    The replies are taken in on `lane` (a round of its own without one) while the next ones come."""
     if server.cfg.secagg != "none":  # several exchanges per round (fedsqueeze.engine.secure)
         return secure_round(server, transport, server_round)  # type: ignore[arg-type]
+    if lane is None:
+        with Lane() as own:
+            return run_round(server, transport, server_round, own)
     t0 = time.perf_counter()
     cfg = server.cfg
     chosen = sorted(server.select(server_round).ids)
@@ -187,24 +215,30 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     outbox = server.broadcast(server_round, chosen)
     exchange = transport.exchange(server_round, outbox, chosen)
 
-    failures: list[str] = []
-    ok: list[Reply] = []
+    # each arrival's outcome, in partition order: a failure now, or the lane's take of its reply
+    outcomes: list[str | Future[Reply | Failure]] = []
     uplink_bytes = 0
-    rejected = 0
-    server.begin(server_round)
+    lane.submit(server.begin, server_round)
     for arrival in in_partition_order(exchange.arrivals, chosen):
         uplink_bytes += arrival.uplink_bytes
-        who = f"node {arrival.node_id} (partition {arrival.partition_id})"
         if arrival.failure is not None or arrival.payloads is None:
-            failures.append(arrival.failure if arrival.failure is not None else f"{who}: no payloads")
-            continue
-        try:
-            ok.append(server.take(arrival.payloads, arrival.metrics, arrival.partition_id, arrival.node_id))
-        except RejectedReply as exc:
-            rejected += 1
-            failures.append(f"{who}: rejected: {exc}")
-        except (InvalidReply, ValueError, KeyError, TypeError) as exc:
-            failures.append(f"{who}: invalid reply: {exc}")
+            who = f"node {arrival.node_id} (partition {arrival.partition_id})"
+            outcomes.append(arrival.failure if arrival.failure is not None else f"{who}: no payloads")
+        else:
+            outcomes.append(lane.submit(_take, server, arrival))
+    lane.drain()
+    failures: list[str] = []
+    ok: list[Reply] = []
+    rejected = 0
+    for outcome in outcomes:
+        result = outcome if isinstance(outcome, str) else outcome.result()
+        if isinstance(result, Reply):
+            ok.append(result)
+        elif isinstance(result, Failure):
+            failures.append(result.why)
+            rejected += result.rejected
+        else:
+            failures.append(result)
     for failure in failures:
         log.warning("round %d: %s", server_round, failure)
 
@@ -242,6 +276,26 @@ def run_round(server: Server, transport: Transport, server_round: int) -> dict[s
     reports = [{k: v for k, v in r.metrics.items() if k in PERSONAL_METRICS} for r in ok]
     row.update(summarize(reports))
     return row
+
+
+@dataclass
+class Failure:
+    """Why a reply was not taken in; `rejected`: a defence turned it away (clients_rejected)."""
+
+    why: str
+    rejected: bool = False
+
+
+def _take(server: Server, arrival: Arrival) -> Reply | Failure:
+    """One reply into the server's sums (on the lane): the Reply, or why it failed."""
+    who = f"node {arrival.node_id} (partition {arrival.partition_id})"
+    assert arrival.payloads is not None
+    try:
+        return server.take(arrival.payloads, arrival.metrics, arrival.partition_id, arrival.node_id)
+    except RejectedReply as exc:
+        return Failure(f"{who}: rejected: {exc}", rejected=True)
+    except (InvalidReply, ValueError, KeyError, TypeError) as exc:
+        return Failure(f"{who}: invalid reply: {exc}")
 
 
 def in_partition_order(arrivals: Iterable[Arrival], order: Sequence[int]) -> Iterator[Arrival]:

@@ -338,10 +338,13 @@ class Server:
 
     def save_model(self, path: Path) -> None:
         """The current global model as a state_dict (written atomically)."""
+        write_model(self.model_state(), path)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The current global model's state_dict. Its tensors are this round's own: the next
+        `_load_global` gives the model new ones, so a writer on another thread may take its time."""
         self._load_global()
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach() for k, v in self.model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -357,6 +360,13 @@ class Server:
         w = self.algorithm.global_params(self.x, self.model).clone()
         torch.nn.utils.vector_to_parameters(w, self.model.parameters())
         return w
+
+
+def write_model(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """A model state_dict to `path`, atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
 
 
 def _number(value: object) -> float:
