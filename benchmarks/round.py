@@ -6,19 +6,23 @@
 
 Model and data: benchmarks/big_task.py, a user task (`task = "big_task:build"`): an MLP
 1024 -> 4096 -> 1536 -> 10 (d = 10,506,762) on synthetic data from the seed, 8 clients (iid, 320
-examples each), mini-batches of 32, lr 0.01, in-process backend, `--rounds` rounds (3).
+examples each), mini-batches of 32, lr 0.01, in-process backend, `--rounds` rounds (4).
 
 Each config runs in its own subprocess, which does, in this order:
-1. the fedsqueeze run, through `fedsqueeze.simulation.runner.simulate(cfg, backend="inprocess")`;
+1. one `clone()` of a d-float32 vector into fresh memory, one thread, median of 21 repeats: the
+   unit of `clones` (first, before the run leaves freed memory in the process for clones to reuse);
+2. the fedsqueeze run, through `fedsqueeze.simulation.runner.simulate(cfg, backend="inprocess")`;
    the round time is the median of metrics.jsonl's `wall_s` over the rounds after the first
-   (start-up, task building and the first round are excluded);
-2. peak RSS of that process right after the run (/proc/self/status VmHWM);
-3. the plain PyTorch local steps of the same clients: the same model, the same number of steps on
+   (start-up, task building and the first round are excluded; with EF21 the second round also
+   commits each client's dense first message, a cost of the run's start, which the median of
+   rounds 2 to 4 leaves out);
+3. peak RSS of that process right after the run (/proc/self/status VmHWM, reset after 1.);
+4. the plain PyTorch local steps of the same clients: the same model, the same number of steps on
    batches drawn as fedsqueeze's FedAvg draws them (seeded permutations of each client's data), a
    plain `torch.optim.SGD` loop, one torch thread (as fedsqueeze gives each client call); only the
    steps are timed (no model loading); summed over the round's clients, median over rounds after
-   the first;
-4. one `clone()` of a d-float32 vector, one thread, median of 21 repeats: the unit of `clones`.
+   the first. They run in the same process after the run, so with the same memory allocator
+   settings (fedsqueeze.simulation.allocator), which speed up their gradient buffers as well.
 
 Columns:
   plain ms     plain local steps of the round's clients (3.)
@@ -104,6 +108,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh from the current RSS (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def plain_rounds(task, cohort: int, rounds: int, steps: int) -> list[float]:  # type: ignore[no-untyped-def]
     """Seconds of plain local SGD of `cohort` clients, per round (clients 0..cohort-1: same sizes as any)."""
     import big_task
@@ -159,6 +169,10 @@ def worker(spec: dict) -> dict:  # type: ignore[type-arg]
     from fedsqueeze.config import Config
     from fedsqueeze.simulation.runner import simulate
 
+    m = spec["model"]
+    d = (m["in_dim"] + 1) * m["h1"] + (m["h1"] + 1) * m["h2"] + (m["h2"] + 1) * m["classes"]  # big_task's MLP
+    clone = clone_seconds(d)
+    reset_peak_rss()  # the clones' memory is not the run's
     with tempfile.TemporaryDirectory() as out:
         run_config = {
             "task": task_ref(spec["model"], spec["examples"]),
@@ -182,9 +196,8 @@ def worker(spec: dict) -> dict:  # type: ignore[type-arg]
         walls = [float(r["wall_s"]) for r in rows]
         cohort = cfg.cohort_count()
     task = big_task.build(spec["clients"], "iid", SEED, examples=spec["examples"], **spec["model"])
-    d = task.num_params()
+    assert task.num_params() == d
     plain = plain_rounds(task, cohort, spec["rounds"], spec["steps"])
-    clone = clone_seconds(d)
     round_s, plain_s = after_first(walls), after_first(plain)
     fw = (round_s - plain_s) / cohort
     return {
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--steps", default="2,10", help="local steps, comma-separated")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--examples", type=int, default=320, help="training examples per client")
     parser.add_argument("--model", default="1024,4096,1536,10", help="in_dim,h1,h2,classes")

@@ -194,3 +194,35 @@ def test_compression_error_from_the_payload_equals_the_dense_one(spec):
     payloads = plan.compress(v, torch.Generator().manual_seed(4))
     assert plan.error(v, payloads) == pytest.approx(relative_error(v, plan.decompress(payloads)), rel=1e-5, abs=1e-7)
     assert plan.error(torch.zeros(50), plan.compress(torch.zeros(50), torch.Generator())) == 0.0
+
+
+@register("test-writes-x")
+class WritesX(FedAvg):
+    """FedAvg that (wrongly) scales the broadcast model in place."""
+
+    def client_step(self, x, model, data, loss_fn, cfg: LocalConfig, state):
+        x.mul_(0.5)
+        return super().client_step(x, model, data, loss_fn, cfg, state)
+
+
+def test_a_rounds_broadcast_is_decoded_once_per_process_and_never_written(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "num-clients=4", "rounds=2")
+    transport = LocalTransport(cfg)
+    server = Server(cfg)
+    downlink = transport.client.plan.downlink
+    decoded = []
+    real = downlink.decompress
+    monkeypatch.setattr(downlink, "decompress", lambda payloads: decoded.append(1) or real(payloads))
+    run_round(server, transport, 1)
+    assert len(decoded) == 1  # four clients, one broadcast
+    data = server.downlink.encode(server.downlink.compress(server.x))
+    x = transport.client.decode_broadcast(downlink, [bytes(data[g.key]) for g in downlink.groups])
+    assert len(decoded) == 2 and torch.equal(x, server.x)  # the next round's model: other bytes, decoded again
+    x.add_(1.0)  # a changed x is never handed out again
+    again = transport.client.decode_broadcast(downlink, [bytes(data[g.key]) for g in downlink.groups])
+    assert len(decoded) == 3 and torch.equal(again, server.x)
+
+    # an algorithm that writes x fails loudly instead of handing the next client a changed model
+    bad = _cfg(tmp_path, "num-clients=2", "rounds=1", "algorithm=test-writes-x", "name=bad")
+    with pytest.raises(RuntimeError, match="changed the broadcast model x in place"):
+        LocalTransport(bad).client.train(0, data, server.client_config(1, 0), {})

@@ -110,7 +110,10 @@ class Algorithm(ABC):
         cfg: LocalConfig,
         state: dict[str, torch.Tensor],
     ) -> ClientOutput:
-        """Train locally from the flat global model `x` on this client's data; may read and update `state`."""
+        """Train locally from the flat global model `x` on this client's data; may read and update `state`.
+
+        `x` is read only: the clients of a round that one process serves share it (the engine raises
+        if it was changed in place)."""
 
     def layout(self, model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor of the communicated vector x, in order: the model's parameters."""

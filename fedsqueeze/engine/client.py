@@ -69,6 +69,8 @@ class ClientHalf:
         #: one model per worker: each call loads the broadcast into it before training
         self.model: nn.Module = plan.task.new_model(seed=derive_seed(cfg.seed, "init"))
         self.algorithm: Algorithm = plan.new_algorithm()
+        #: the last broadcast decoded: (its plan, its payload bytes, x, x's version counter)
+        self._decoded: tuple[UpdatePlan, list[bytes], torch.Tensor, int] | None = None
 
     def check(self, partition_id: int) -> None:
         if not 0 <= partition_id < self.task.num_clients:
@@ -92,15 +94,27 @@ class ClientHalf:
         missing = [g.key for g in plan.groups if g.key not in broadcast]
         if missing:
             raise ValueError(f"broadcast lacks the payload(s) {missing}")
-        payloads = [wire.decode(broadcast[g.key], g.numel) for g in plan.groups]
         if down is None:
-            return plan.decompress(payloads)
+            return self.decode_broadcast(plan, [broadcast[g.key] for g in plan.groups])
+        payloads = [wire.decode(broadcast[g.key], g.numel) for g in plan.groups]
         step = config.get(protocol.DOWNLINK_STEP)
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"a {down.name} broadcast needs an integer {protocol.DOWNLINK_STEP}, got {step!r}")
         if resync:
             return down.resync(plan.decompress(payloads), step, state)
         return down.receive(Broadcast(payloads, step), state, initial=self.plan.x0)
+
+    def decode_broadcast(self, plan: UpdatePlan, data: list[bytes]) -> torch.Tensor:
+        """x from a plain broadcast, decoded once for all the clients of a round that this process serves:
+        they get the same bytes (the very same object in-process, equal bytes on a Ray worker), so the
+        same x. Algorithms read x and never write it (`train` checks)."""
+        last = self._decoded
+        if last is not None and last[0] is plan and last[1] == data and last[2]._version == last[3]:
+            return last[2]
+        self._decoded = None
+        x = plan.decompress([wire.decode(b, g.numel) for b, g in zip(data, plan.groups, strict=True)])
+        self._decoded = (plan, data, x, x._version)
+        return x
 
     def settle(self, state: dict[str, torch.Tensor], acknowledged: object) -> None:
         """Commit the pending memory update if the server took in the reply it belongs to, else drop it."""
@@ -128,7 +142,11 @@ class ClientHalf:
             extra={k: v for k, v in config.items() if k not in protocol.SERVER_KEYS},
         )
         data = self.task.clients[partition_id]
+        version = x._version
         out = self.algorithm.client_step(x, self.model, data, self.task.loss_fn, local, state)
+        if x._version != version:  # x may be the round's shared broadcast (decode_broadcast)
+            self._decoded = None
+            raise RuntimeError(f"{self.algorithm.name}.client_step changed the broadcast model x in place; it must not")
         update = out.update.detach().to(torch.float32).reshape(-1)
         if cfg.randomness == SHARED:  # the round's cohort draws the same (fedsqueeze.engine.shared)
             gen: torch.Generator | list[torch.Generator] = shared_seed_of(config).uplink(self.plan.uplink.keys())
