@@ -157,7 +157,10 @@ class Mechanism(ABC):
     replayable: bool = False
 
     def replay(self, state: Mapping[str, torch.Tensor], payload: Payload, initial: bool) -> Mapping[str, torch.Tensor]:
-        """`new_state` of the Outgoing that sent `payload` from `state` (replayable mechanisms only)."""
+        """`new_state` of the Outgoing that sent `payload` from `state` (replayable mechanisms only).
+
+        The result is committed into `state` at once, so it may reuse the memory of the state tensors
+        it replaces (EF21 adds a sparse message into g_i in place)."""
         raise FeedbackError(f"{self.name} cannot rebuild its memory update from the payload alone")
 
     def _sent(self, payload: Payload, like: torch.Tensor | None, initial: bool) -> torch.Tensor:

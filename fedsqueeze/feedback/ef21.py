@@ -77,6 +77,12 @@ class EF21(Mechanism):
 
     def replay(self, state, payload, initial):
         g_i = state.get(ESTIMATE)
+        if not initial and g_i is not None:
+            sparse = getattr(self.codec, "decompress_sparse", None)
+            kept = None if sparse is None else sparse(payload)
+            if kept is not None:  # a sparse message: g_i + C(.) at its support only, in g_i's own memory
+                indices, values = kept
+                return {ESTIMATE: g_i.index_add_(0, indices, values.to(g_i.dtype))}
         sent = self._sent(payload, g_i, initial)
         return {ESTIMATE: sent if initial or g_i is None else g_i + sent}
 
