@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import stat
+import threading
 
 import pytest
 import torch
@@ -145,6 +146,49 @@ def test_a_store_keeps_the_state_before_the_newest_and_reads_the_newest_before_a
     assert sorted(p.name for p in store.path.parent.iterdir()) == [store.path.name, store.previous_path.name]
     assert store.load().server_round == 9 and store.load(before_round=9).server_round == 8
     assert torch.equal(store.load(before_round=9).tensors["g"], torch.full((2,), 11.0))
+
+
+@pytest.fixture
+def behind():
+    from fedsqueeze.deploy import state
+
+    state.write_behind(True)
+    try:
+        yield state
+    finally:
+        state.write_behind(False)
+
+
+def test_writes_behind_land_in_order_and_a_load_waits_for_its_own_file(tmp_path, behind, monkeypatch):
+    store = StateStore(tmp_path, IDENT)
+    other = StateStore(tmp_path, StateIdentity(run_id=7, partition_id=2, config_digest="abc"))
+    gate = threading.Event()
+    real_save = StateStore.save
+
+    def slow_save(self, tensors, server_round):
+        if self is other:
+            gate.wait(10)  # the other client's write is still in flight
+        real_save(self, tensors, server_round)
+
+    monkeypatch.setattr(StateStore, "save", slow_save)
+    other.save_behind({"g": torch.ones(3)}, server_round=1)
+    store.save_behind({"g": torch.full((1000,), 3.0)}, server_round=1)
+    store.save_behind({"g": torch.full((1000,), 4.0)}, server_round=2)
+    assert not store.exists()  # queued behind the other client's write, not written yet
+    gate.set()
+    loaded = store.load()  # waits for its own writes, in the order they were handed over
+    assert loaded.server_round == 2 and torch.equal(loaded.tensors["g"], torch.full((1000,), 4.0))
+    assert store.load(before_round=2).server_round == 1
+    behind.flush()
+    assert other.load().server_round == 1
+
+
+def test_a_failed_write_behind_is_raised_by_the_next_flush(tmp_path, behind):
+    store = StateStore(tmp_path, IDENT)
+    store.save_behind({"z": torch.zeros(2, dtype=torch.complex64)}, server_round=1)
+    with pytest.raises(StateError, match="complex64"):
+        behind.flush()
+    behind.flush()  # reported once
 
 
 def test_store_only_with_state_dir(tmp_path):

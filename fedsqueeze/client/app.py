@@ -100,7 +100,7 @@ def with_state(
         save_state(context, state)
     else:
         if state or store.exists():  # a stateless algorithm writes no files
-            store.save(state, server_round)
+            store.save_behind(state, server_round)  # on disk before the exchange ends (deploy.state)
         context.state[DURABLE_KEY] = ConfigRecord({protocol.SERVER_ROUND: server_round})
     return result
 

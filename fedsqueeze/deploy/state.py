@@ -20,6 +20,14 @@ The header names the run, the partition and a digest of the run configuration; a
 does not verify is corrupted, a file whose identity differs from the reader's is foreign: both raise
 `StateError` and the file is never used. Writes go to a temporary file that replaces the old one
 (`os.replace`, after fsync), so a crash leaves either the old or the new state.
+
+Write-behind (the in-process backend only, `write_behind(True)`): `save_behind` hands the write to
+one background thread, so a client's reply does not wait for its state file, and the next client
+trains meanwhile. Whoever needs the files on disk calls `flush()`: the in-process grid at the end
+of every exchange, before the server sees the exchange's last reply (so the server's checkpoint
+never runs ahead of its clients' files), and every `load` before it reads. A write's error is
+raised by the next `flush`. It is off wherever a client's files must be on disk when it replies
+(devices, Flower's simulation engine, whose clients live in other processes).
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,9 +163,19 @@ class StateStore:
         finally:
             os.close(dir_fd)
 
+    def save_behind(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
+        """`save`, on the write-behind thread when it is on (see the module docstring): the tensors
+        must not change after this call."""
+        if _behind.pool is None:
+            self.save(tensors, server_round)
+            return
+        with _behind.lock:  # one thread, in order: a later write of this file lands after an earlier one
+            _behind.pending[self.path] = _behind.pool.submit(self.save, tensors, server_round)
+
     def load(self, before_round: int | None = None) -> LoadedState | None:
         """The newest state written before round `before_round` (any round if None), or None if there
         is none; StateError if a file is corrupted or belongs to another run/partition/config."""
+        flush(self.path)
         for path in (self.path, self.previous_path):
             if not path.exists():
                 continue
@@ -162,6 +183,47 @@ class StateStore:
                 continue  # written in a round the server did not complete (it resumed before it)
             return _read(path, self.identity)
         return None
+
+
+class _WriteBehind:
+    pool: ThreadPoolExecutor | None = None
+    #: the last write handed over for each state file, until someone waits for it
+    pending: dict[Path, Future[None]] = {}
+    lock = threading.Lock()
+
+
+_behind = _WriteBehind()
+
+
+def write_behind(enabled: bool) -> None:
+    """Turn write-behind on or off for this process (off: every pending write is flushed first)."""
+    flush()
+    with _behind.lock:
+        if enabled and _behind.pool is None:
+            _behind.pool = ThreadPoolExecutor(1, thread_name_prefix="fedsqueeze-state", initializer=_block_sigint)
+        elif not enabled and _behind.pool is not None:
+            _behind.pool.shutdown(wait=True)
+            _behind.pool = None
+
+
+def flush(path: Path | None = None) -> None:
+    """Wait for the state writes handed to the write-behind thread so far (those of `path` only, if
+    given); raises the first that failed."""
+    with _behind.lock:
+        if path is None:
+            pending, _behind.pending = list(_behind.pending.values()), {}
+        else:
+            pending = [f for f in [_behind.pending.pop(path, None)] if f is not None]
+    errors = [f.exception() for f in pending]  # waits for each
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _block_sigint() -> None:
+    # Ctrl-C is for the main thread; a write in flight ends on its own (the executor joins at exit)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def _read(path: Path, identity: StateIdentity) -> LoadedState:

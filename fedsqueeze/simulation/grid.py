@@ -47,6 +47,8 @@ from flwr.supercore.date import now
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsqueeze.deploy import state as client_state
+
 log = logging.getLogger(__name__)
 
 #: on Ctrl-C, how long to wait for the ClientApp call in flight before the interrupt goes on
@@ -143,7 +145,9 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Deliver every message now (no time limit); replies wait for `pull_messages`."""
-        return self._deliver_all(messages, timeout=None)
+        ids = self._deliver_all(messages, timeout=None)
+        client_state.flush()
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         out = []
@@ -158,9 +162,15 @@ class InProcessGrid(Grid):
 
     def stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """`send_and_receive`, one reply at a time as each call ends (not part of Flower's Grid): a
-        server that takes each reply in before the next call holds one reply, not the cohort's."""
-        for msg in messages:
+        server that takes each reply in before the next call holds one reply, not the cohort's.
+
+        The clients' state files of the exchange are on disk before its last reply is handed over
+        (fedsqueeze.deploy.state's write-behind), as when each call writes its own before replying."""
+        msgs = list(messages)
+        for i, msg in enumerate(msgs):
             mid = self._deliver(msg, timeout)
+            if i == len(msgs) - 1:
+                client_state.flush()
             if mid is not None:
                 yield from self.pull_messages([mid])
 

@@ -117,6 +117,7 @@ CLIENT_THREADS = 1
 def run_inprocess(
     cfg: Config, observer: Observer | None = None, client_threads: int | None = CLIENT_THREADS
 ) -> SimulationResult:
+    from fedsqueeze.deploy import state as client_state
     from fedsqueeze.tracking import read_metrics
 
     from .allocator import keep_freed_memory
@@ -134,15 +135,20 @@ def run_inprocess(
             observer(event, data)
 
     t0 = time.perf_counter()
-    grid, _ = run_apps(
-        "fedsqueeze.server.app:app",
-        "fedsqueeze.client.app:app",
-        cfg.num_clients,
-        cfg.to_run_config(),
-        seed=cfg.seed,
-        observer=watch,
-        client_threads=client_threads,
-    )
+    # the clients live in this process, so their state files may be written behind their replies
+    client_state.write_behind(True)
+    try:
+        grid, _ = run_apps(
+            "fedsqueeze.server.app:app",
+            "fedsqueeze.client.app:app",
+            cfg.num_clients,
+            cfg.to_run_config(),
+            seed=cfg.seed,
+            observer=watch,
+            client_threads=client_threads,
+        )
+    finally:
+        client_state.write_behind(False)
     wall = time.perf_counter() - t0
     run_dir = Path(state["run_dir"])
     timings = {"wall_s": wall, "client_s": grid.client_seconds, "client_calls": float(grid.client_calls)}
