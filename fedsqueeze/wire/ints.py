@@ -93,8 +93,10 @@ def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None
         if nnz == n:
             sub = values - 1
         else:
-            pos = np.flatnonzero(nonzero)
-            sub = values[pos]
+            # positions only where the index set codes them (gaps); a mask gathers without them
+            if 2 * nnz <= n:
+                pos = np.flatnonzero(nonzero)
+            sub = values[pos] if pos is not None else values[nonzero]
             sub -= 1
         sub_plan = plan_ints(sub, depth + 1)
         support = plan_index_set(n, nnz, indices=pos, mask=nonzero)

@@ -68,7 +68,18 @@ def plan(values: np.ndarray) -> RicePlan:
     """The optimal Rice parameter for a sequence of non-negative integers (int64 array)."""
     n = values.size
     total = int(values.sum(dtype=np.int64)) if n else 0
-    return _search(n, total, lambda k: int((values >> k).sum(dtype=np.int64)) if k else total)
+    return _search(n, total, lambda k: _shifted_sum(values, k) if k else total)
+
+
+def _shifted_sum(values: np.ndarray, k: int) -> int:
+    """sum(values >> k), chunk by chunk into one small buffer: no temporary of the whole size."""
+    buf = np.empty(min(values.size, _CHUNK), dtype=values.dtype)
+    total = 0
+    for start in range(0, values.size, _CHUNK):
+        part = buf[: min(_CHUNK, values.size - start)]
+        np.right_shift(values[start : start + _CHUNK], k, out=part)
+        total += int(part.sum(dtype=np.int64))
+    return total
 
 
 def plan_from_histogram(hist: np.ndarray) -> RicePlan:
