@@ -360,7 +360,10 @@ def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
     values, pos = read_ints(body.values, n, m, "natural values")
     lut = np.zeros(m + 1, dtype=np.int16)
     lut[1:] = symbols
-    codes = lut[values]
+    codes = np.empty(n, dtype=np.int16)
+    for start in range(0, n, NUMPY_CHUNK):  # chunks: the cast of the indices to intp stays small
+        part = values[start : start + NUMPY_CHUNK].astype(np.intp)
+        np.take(lut, part, out=codes[start : start + NUMPY_CHUNK])
     negative = _scatter_signs(body.negative, values, pos, "natural negative")
     return Natural(numel=n, dtype=dtype, negative=torch.from_numpy(negative), codes=torch.from_numpy(codes))
 

@@ -173,7 +173,7 @@ def read_ints(
             raise PayloadError(f"{what}: {count} nonzero values among {n}")
         if count and max_value < 1:
             raise PayloadError(f"{what}: nonzero values where the bound is 0")
-        pos = decode_index_set(sp.support, n, count, f"{what} support")
+        pos = decode_index_set(sp.support, n, count, f"{what} support", positions=count < n)
         sub, _ = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1, dt)
         sub += 1
         if count == n:
