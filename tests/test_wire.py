@@ -701,6 +701,42 @@ def test_rice_parameter_is_optimal_and_streams_round_trip():
                     rice.decode(plan.k, unary, rem, n + 1, top, int(v.sum()))
 
 
+def test_rice_streams_longer_than_a_chunk_decode_exactly_into_any_dtype_that_holds_the_bound():
+    # the encoder and the decoder work chunk by chunk (of values and of unary bytes): sequences
+    # across several chunks, with long quotients in some, must come back exactly, and a value
+    # above the bound or a sum above the limit in the last chunk only must still be refused
+    rng = np.random.default_rng(1)
+    n = 3 * rice._CHUNK + 5
+    for k, top, dtype in ((0, 40, np.uint8), (3, 255, np.uint8), (5, 256, np.int32), (9, 60000, np.uint16)):
+        v = np.minimum(rng.geometric(0.5, n) - 1 << k | rng.integers(0, 1 << k, n), top).astype(np.int64)
+        v[rng.integers(0, n, 20)] = top  # a few long quotients
+        unary, rem = rice.encode(v, k)
+        assert len(unary) > 2 * rice._DECODE_BYTES or k == 9
+        decoded = rice.decode(k, unary, rem, n, top, n * top, dtype=dtype)
+        assert decoded.dtype == dtype and np.array_equal(decoded, v)
+        assert np.array_equal(rice.decode(k, unary, rem, n, top, n * top), v)
+        over = v.copy()
+        over[-1] = top + 1
+        bad_unary, bad_rem = rice.encode(over, k)
+        with pytest.raises(PayloadError, match="exceeds"):
+            rice.decode(k, bad_unary, bad_rem, n, top, n * top, dtype=dtype)
+        with pytest.raises(PayloadError, match="sum to more|bytes possible"):  # either refuses the sum
+            rice.decode(k, unary, rem, n, top, int(v.sum()) - 1, dtype=dtype)
+
+
+def test_a_full_index_set_is_checked_without_materialising_its_positions():
+    n = 1000
+    for plan in (indices.IndexPlan("bitmap", 0), indices.plan_index_set(n, n)):
+        msg = pb.IndexSet()
+        indices.write_index_set(plan, msg, n, indices=np.arange(n))
+        assert indices.decode_index_set(msg, n, n, positions=False) is None
+        assert np.array_equal(indices.decode_index_set(msg, n, n), np.arange(n))
+    msg = pb.IndexSet()
+    indices.write_index_set(indices.IndexPlan("bitmap", 0), msg, n, indices=np.arange(n - 1))
+    with pytest.raises(PayloadError, match="holds 999 indices"):
+        indices.decode_index_set(msg, n, n, positions=False)
+
+
 def test_index_sets_round_trip_in_every_coding_and_the_smallest_is_chosen():
     rng = np.random.default_rng(0)
     for n in (1, 8, 100, 5000):

@@ -170,9 +170,16 @@ class Natural(Compressed):
     def to_dense(self) -> torch.Tensor:
         if self.device.type == "cpu":
             # the float32 bits of every 2**(code - NATURAL_BIAS) from a table (exactly what exp2
-            # gives), and the sign bit where negative: two vectorised passes instead of five
-            bits = _NATURAL_BITS[self.codes.numpy().astype(np.intp)]
-            bits |= np.left_shift(self.negative.numpy().view(np.uint8), 31, dtype=np.uint32)
+            # gives), and the sign bit where negative: two vectorised passes instead of five, chunk
+            # by chunk, so that the codes cast to intp (for the look-up) and the sign bits stay small
+            codes, negative = self.codes.numpy(), self.negative.numpy().view(np.uint8)
+            bits = np.empty(self.numel, dtype=np.uint32)
+            sign = np.empty(min(self.numel, NUMPY_CHUNK), dtype=np.uint32)
+            for start in range(0, self.numel, NUMPY_CHUNK):
+                part = bits[start : start + NUMPY_CHUNK]
+                np.take(_NATURAL_BITS, codes[start : start + NUMPY_CHUNK].astype(np.intp), out=part)
+                np.left_shift(negative[start : start + NUMPY_CHUNK], 31, out=sign[: part.size], dtype=np.uint32)
+                part |= sign[: part.size]
             return torch.from_numpy(bits.view(np.float32)).to(self.dtype)
         exponents = self.codes.to(torch.float32) - NATURAL_BIAS
         values = torch.where(self.codes == 0, 0.0, torch.exp2(exponents))

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from ..compressors.compressed import (
     NATURAL_MAX_CODE,
+    NUMPY_CHUNK,
     Compressed,
     Dense,
     LowRank,
@@ -324,13 +325,21 @@ def _encode_natural(c: Natural, body, n: int, depth: int) -> None:
     negative = _vector(c.negative, n, "natural negative", "bool")
     if n:
         _max_checked(codes, NATURAL_MAX_CODE, "natural codes")
-    hist = np.bincount(codes.astype(np.intp, copy=False), minlength=NATURAL_MAX_CODE + 1)
+    # the histogram and the table look-up chunk by chunk: numpy casts int16 indices to intp,
+    # and a cast of the whole vector would be a temporary four times its size
+    hist = np.zeros(NATURAL_MAX_CODE + 1, dtype=np.intp)
+    for start in range(0, n, NUMPY_CHUNK):
+        part = codes[start : start + NUMPY_CHUNK].astype(np.intp, copy=False)
+        hist += np.bincount(part, minlength=NATURAL_MAX_CODE + 1)
     # the table: codes in use, most frequent first (ties: smaller code first)
     used = np.flatnonzero(hist[1:]) + 1
     symbols = used[np.argsort(-hist[used], kind="stable")]
     lut = np.zeros(NATURAL_MAX_CODE + 1, dtype=np.uint16)
     lut[symbols] = np.arange(1, symbols.size + 1, dtype=np.uint16)
-    values = lut[codes]
+    values = np.empty(n, dtype=np.uint16)
+    for start in range(0, n, NUMPY_CHUNK):
+        part = codes[start : start + NUMPY_CHUNK].astype(np.intp, copy=False)
+        np.take(lut, part, out=values[start : start + NUMPY_CHUNK])
     value_hist = np.zeros(symbols.size + 1, dtype=np.int64)
     value_hist[0] = hist[0]
     value_hist[1:] = hist[symbols]
@@ -351,7 +360,10 @@ def _decode_natural(body, n: int, dtype: torch.dtype, depth: int) -> Natural:
     values, pos = read_ints(body.values, n, m, "natural values")
     lut = np.zeros(m + 1, dtype=np.int16)
     lut[1:] = symbols
-    codes = lut[values]
+    codes = np.empty(n, dtype=np.int16)
+    for start in range(0, n, NUMPY_CHUNK):  # chunks: the cast of the indices to intp stays small
+        part = values[start : start + NUMPY_CHUNK].astype(np.intp)
+        np.take(lut, part, out=codes[start : start + NUMPY_CHUNK])
     negative = _scatter_signs(body.negative, values, pos, "natural negative")
     return Natural(numel=n, dtype=dtype, negative=torch.from_numpy(negative), codes=torch.from_numpy(codes))
 

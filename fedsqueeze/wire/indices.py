@@ -100,8 +100,11 @@ def write_index_set(
     put_bytes(target, "remainders", remainders)
 
 
-def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.ndarray:
-    """The sorted indices (int64) of an IndexSet message that must hold `count` indices in [0, n)."""
+def decode_index_set(msg, n: int, count: int, what: str = "index set", positions: bool = True) -> np.ndarray | None:
+    """The sorted indices (int64) of an IndexSet message that must hold `count` indices in [0, n).
+
+    positions=False: the message is checked the same way, but a full set (count == n), whose
+    indices are 0..n-1, comes back as None instead of an array of n indices."""
     if not 0 <= count <= n:
         raise PayloadError(f"{what}: count {count} outside [0, {n}]")
     coding = msg.WhichOneof("coding")
@@ -115,10 +118,12 @@ def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.nda
         found = popcount(buf)
         if found != count:
             raise PayloadError(f"{what}: bitmap holds {found} indices, expected {count}")
-        return one_positions(buf, count)
+        return one_positions(buf, count) if positions or count < n else None
     if coding == "gaps":
         g = msg.gaps
         gaps = rice.decode(g.k, g.unary, g.remainders, count, n - count, n - count, f"{what} gaps")
+        if count == n and not positions:
+            return None
         gaps += 1
         indices = np.cumsum(gaps, out=gaps)
         indices -= 1
@@ -127,7 +132,7 @@ def decode_index_set(msg, n: int, count: int, what: str = "index set") -> np.nda
         g = msg.complement_gaps
         gaps = rice.decode(g.k, g.unary, g.remainders, n - count, count, count, f"{what} complement gaps")
         if count == n:
-            return np.arange(n, dtype=np.int64)
+            return np.arange(n, dtype=np.int64) if positions else None
         gaps += 1
         outside = np.cumsum(gaps, out=gaps)
         outside -= 1

@@ -93,8 +93,13 @@ def plan_ints(values: np.ndarray, depth: int = 1, hist: np.ndarray | None = None
         if nnz == n:
             sub = values - 1
         else:
-            pos = np.flatnonzero(nonzero)
-            sub = values[pos]
+            # positions only where the index set codes them (gaps); np.compress gathers without
+            # them, and runs about twice as fast as indexing with the mask
+            if 2 * nnz <= n:
+                pos = np.flatnonzero(nonzero)
+                sub = values[pos]
+            else:
+                sub = np.compress(nonzero, values)
             sub -= 1
         sub_plan = plan_ints(sub, depth + 1)
         support = plan_index_set(n, nnz, indices=pos, mask=nonzero)
@@ -158,7 +163,7 @@ def read_ints(
         return values.astype(dt, copy=False), None
     if form == "rice":
         r = msg.rice
-        return rice.decode(r.k, r.unary, r.remainders, n, max_value, n * max_value, what).astype(dt), None
+        return rice.decode(r.k, r.unary, r.remainders, n, max_value, n * max_value, what, dt), None
     if form == "sparse":
         if depth >= MAX_INT_DEPTH:
             raise PayloadError(f"{what}: sparse integer codes nest more than {MAX_INT_DEPTH} deep")
@@ -168,7 +173,7 @@ def read_ints(
             raise PayloadError(f"{what}: {count} nonzero values among {n}")
         if count and max_value < 1:
             raise PayloadError(f"{what}: nonzero values where the bound is 0")
-        pos = decode_index_set(sp.support, n, count, f"{what} support")
+        pos = decode_index_set(sp.support, n, count, f"{what} support", positions=count < n)
         sub, _ = read_ints(sp.minus_one, count, max(max_value - 1, 0), what, depth + 1, dt)
         sub += 1
         if count == n:

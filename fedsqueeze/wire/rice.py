@@ -18,13 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bits import as_uint8, nbytes, one_positions, pack_uint_array, popcount, unpack_uint
+from .bits import as_uint8, nbytes, pack_uint_array, popcount, unpack_uint
 from .errors import PayloadError
 
 # beyond this k the quotients of int64 values are 0 and a bigger k only costs more
 MAX_K = 62
-# values per chunk of the encoder (a multiple of 8): its temporaries stay in cache
-_CHUNK = 1 << 16
+# values per chunk of the encoder and of the decoder's remainders (a multiple of 8): their
+# temporaries stay in cache, and torch runs ops this small inline: at 2**16 values its thread
+# pool takes part, and on a busy machine waiting for it made the encoder ten times slower
+_CHUNK = 1 << 15
+# bytes of the unary stream per chunk of the decoder (at most 8 times as many values)
+_DECODE_BYTES = 1 << 13
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,18 @@ def plan(values: np.ndarray) -> RicePlan:
     """The optimal Rice parameter for a sequence of non-negative integers (int64 array)."""
     n = values.size
     total = int(values.sum(dtype=np.int64)) if n else 0
-    return _search(n, total, lambda k: int((values >> k).sum(dtype=np.int64)) if k else total)
+    return _search(n, total, lambda k: _shifted_sum(values, k) if k else total)
+
+
+def _shifted_sum(values: np.ndarray, k: int) -> int:
+    """sum(values >> k), chunk by chunk into one small buffer: no temporary of the whole size."""
+    buf = np.empty(min(values.size, _CHUNK), dtype=values.dtype)
+    total = 0
+    for start in range(0, values.size, _CHUNK):
+        part = buf[: min(_CHUNK, values.size - start)]
+        np.right_shift(values[start : start + _CHUNK], k, out=part)
+        total += int(part.sum(dtype=np.int64))
+    return total
 
 
 def plan_from_histogram(hist: np.ndarray) -> RicePlan:
@@ -124,12 +139,21 @@ def encode_arrays(values: np.ndarray, k: int, max_value: int | None = None) -> t
 
 
 def decode(
-    k: int, unary: bytes, remainders: bytes, n: int, max_value: int, max_sum: int, what: str = "rice code"
+    k: int,
+    unary: bytes,
+    remainders: bytes,
+    n: int,
+    max_value: int,
+    max_sum: int,
+    what: str = "rice code",
+    dtype: np.dtype = np.int64,
 ) -> np.ndarray:
-    """n values (int64) from their streams, each in [0, max_value] and summing to at most max_sum.
+    """n values from their streams, each in [0, max_value] and summing to at most max_sum, as
+    `dtype` (int64 unless given; it must hold max_value).
 
     Sizes are checked before anything is allocated: the unary stream cannot be longer than
-    n + (max_sum >> k) bits, and the remainder stream must be exactly n*k bits.
+    n + (max_sum >> k) bits, and the remainder stream must be exactly n*k bits. Both streams are
+    read chunk by chunk, straight into the output, so no temporary has the size of the output.
     """
     max_sum = min(max_sum, n * max_value)
     k_limit = min(MAX_K, max_value.bit_length())
@@ -143,29 +167,47 @@ def decode(
     if n == 0:
         if unary:
             raise PayloadError(f"{what}: unary stream of {len(unary)} bytes for no values")
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=dtype)
     buf = as_uint8(unary)
     ones = popcount(buf)
     if ones != n:
         raise PayloadError(f"{what}: unary stream holds {ones} values, expected {n}")
-    ones_at = one_positions(buf, n)
-    last = int(ones_at[-1])
-    if last >> 3 != buf.size - 1:
+    if buf[-1] == 0:  # the last one bit must lie in the last byte
         raise PayloadError(f"{what}: unary stream has trailing bytes")
+    last = 8 * (buf.size - 1) + int(buf[-1]).bit_length() - 1
     if last + 1 - n > max_sum >> k:  # the sum of the quotients
         raise PayloadError(f"{what}: values sum to more than {max_sum}")
-    q = np.empty(n, dtype=np.int64)  # q_i = ones_at[i] - ones_at[i - 1] - 1
-    q[0] = ones_at[0]
-    np.subtract(ones_at[1:], ones_at[:-1], out=q[1:])
-    q[1:] -= 1
-    if k:
-        if (last << k) >= 2**62 and int(q.max()) > max_value >> k:  # q << k could overflow
+    out = np.empty(n, dtype=dtype)
+    # the quotients q_i = ones_at[i] - ones_at[i - 1] - 1 (ones_at[-1] = -1), a chunk of the
+    # unary stream at a time; each is checked against the bound before it is narrowed to dtype
+    top_quotient = max_value >> k
+    at, previous = 0, -1
+    for start in range(0, buf.size, _DECODE_BYTES):
+        ones_at = np.flatnonzero(np.unpackbits(buf[start : start + _DECODE_BYTES], bitorder="little").view(bool))
+        if ones_at.size == 0:
+            continue
+        ones_at += 8 * start
+        q = np.empty(ones_at.size, dtype=np.int64)
+        q[0] = ones_at[0] - previous
+        np.subtract(ones_at[1:], ones_at[:-1], out=q[1:])
+        q -= 1
+        if int(q.max()) > top_quotient:
             raise PayloadError(f"{what}: a value exceeds {max_value}")
-        q <<= k
-        r = unpack_uint(remainders, n, k, what)
-        q |= r.view(np.int64) if r.itemsize == 8 else r
-    if int(q.max()) > max_value:
-        raise PayloadError(f"{what}: a value exceeds {max_value}")
-    if max_sum < n * max_value and int(q.sum()) > max_sum:
+        out[at : at + q.size] = q
+        at, previous = at + q.size, int(ones_at[-1])
+    check_sum = max_sum < n * max_value
+    total = 0
+    for start in range(0, n, _CHUNK):
+        part = out[start : start + _CHUNK]
+        if k:  # _CHUNK values of k bits are whole bytes: each chunk's remainders start a byte
+            first = start * k // 8
+            r = unpack_uint(remainders[first : first + nbytes(part.size * k)], part.size, k, what)
+            part <<= k
+            part |= r.astype(part.dtype, copy=False)
+            if int(part.max()) > max_value:
+                raise PayloadError(f"{what}: a value exceeds {max_value}")
+        if check_sum:
+            total += int(part.sum(dtype=np.int64))
+    if check_sum and total > max_sum:
         raise PayloadError(f"{what}: values sum to more than {max_sum}")
-    return q
+    return out
