@@ -1,6 +1,7 @@
 """Codec benchmark: throughput and bytes of every operator against same-run baselines.
 
     python benchmarks/codec.py [--sizes 1e6 1e7] [--repeats 5] [--out benchmarks/results/codec.json]
+                               [--keep-freed-memory]
 
 For each dense float32 vector size and operator it measures compress+encode and decode+decompress
 throughput (MB/s of dense input, median of the repeats), the bytes on the wire, the
@@ -8,6 +9,9 @@ information-theoretic floor where one is defined, bytes/floor, and the compressi
 against dense float32. Baselines measured in the same run: torch.topk on |x| (k = 1 % of d),
 a plain memory read (x.sum()), a copy (x.clone()) and a cast (x.half()); the copy and the cast are
 what a dense codec has to do at least. Ratios against them are what to compare across machines.
+`--keep-freed-memory` measures under the allocator setting of the in-process simulation
+(fedsqueeze.simulation.allocator: freed large buffers are reused, so outputs no longer take fresh
+pages; the baselines then run under it too).
 """
 
 from __future__ import annotations
@@ -203,8 +207,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codec.json"))
+    parser.add_argument("--keep-freed-memory", action="store_true", help="the in-process simulation's allocator")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from fedsqueeze.simulation.allocator import keep_freed_memory
+
+        print("keep_freed_memory:", keep_freed_memory())
     results = run([int(s) for s in args.sizes], args.repeats)
+    results["keep_freed_memory"] = bool(args.keep_freed_memory)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print()
