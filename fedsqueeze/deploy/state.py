@@ -23,10 +23,10 @@ does not verify is corrupted, a file whose identity differs from the reader's is
 
 Write-behind (the in-process backend only, `write_behind(True)`): `save_behind` hands the write to
 one background thread, so a client's reply does not wait for its state file, and the next client
-trains meanwhile. Whoever needs the files on disk calls `flush()`: the in-process grid at the end
-of every exchange, before the server sees the exchange's last reply (so the server's checkpoint
-never runs ahead of its clients' files), and every `load` before it reads. A write's error is
-raised by the next `flush`. It is off wherever a client's files must be on disk when it replies
+trains meanwhile. Whoever needs the files on disk calls `flush()`: the server before it writes a
+checkpoint (through the in-process grid's `flush`, so that the checkpoint never runs ahead of its
+clients' files), and every `load` for its own file before it reads. A write's error is raised by the
+next `flush`. It is off wherever a client's files must be on disk when it replies
 (devices, Flower's simulation engine, whose clients live in other processes).
 """
 

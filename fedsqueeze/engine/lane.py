@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-#: tasks that may wait at a time: the take running, the next reply, and the one the main thread holds
-DEPTH = 2
+#: tasks that may wait at a time: the previous round's checkpoint, the round's begin and two replies
+#: (with fewer, the replies that arrive while a checkpoint is written would hold up the next client)
+DEPTH = 4
 
 
 def _block_sigint() -> None:

@@ -87,6 +87,9 @@ class Transport(Protocol):
     def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
         """Send each sampled partition its broadcast and config; return what came back."""
 
+    # optional: `flush()`, wait for what the clients keep between rounds to be written, where they
+    # write it behind their replies (the in-process backend); called before every checkpoint
+
 
 def run(
     cfg: Config, transport: Transport, observer: Observer | None = None, server: Server | None = None
@@ -112,7 +115,7 @@ def run(
             server.load_state_dict(checkpoint.load(run_dir))
             log.info("run %s: resumed after round %d", run_dir.path, done)
         elif cfg.checkpoint:
-            _checkpoint(server, run_dir, 0, lane)
+            _checkpoint(server, run_dir, 0, lane, transport)
         return _rounds(cfg, transport, server, run_dir, done, started_at, observer, lane)
 
 
@@ -146,7 +149,7 @@ def _rounds(
             row = run_round(server, transport, server_round, lane)
             row = tracker.record(server_round, **row)
             if cfg.checkpoint:  # after the row: a checkpoint never runs ahead of metrics.jsonl
-                _checkpoint(server, run_dir, server_round, lane)
+                _checkpoint(server, run_dir, server_round, lane, transport)
             notify("round", row)
         lane.drain()  # the last checkpoint is on disk before the run says it completed
         status = "completed"
@@ -174,18 +177,24 @@ def _rounds(
     return summary
 
 
-def _checkpoint(server: Server, run_dir: RunDir, server_round: int, lane: Lane) -> None:
+def _checkpoint(server: Server, run_dir: RunDir, server_round: int, lane: Lane, transport: Transport) -> None:
     """model.pt, then the checkpoint: a checkpoint of round t always has model.pt of round t or later.
 
     Both are taken now and written on the lane while the next round's first client trains: the
     server's state_dict is a snapshot (x is replaced by each server step, never changed in place,
     and the mechanism and downlink halves hand over copies), and the next round's takes queue
-    behind the write."""
+    behind the write. The write first waits for the clients' state files of the round where the
+    transport's clients write them behind their replies (`flush`), so that a resumed run finds the
+    state every client had after the checkpoint's round."""
     model, state = server.model_state(), server.state_dict(server_round)
-    lane.submit(_write_checkpoint, model, state, run_dir)
+    lane.submit(_write_checkpoint, model, state, run_dir, getattr(transport, "flush", None))
 
 
-def _write_checkpoint(model: dict[str, torch.Tensor], state: dict[str, Any], run_dir: RunDir) -> None:
+def _write_checkpoint(
+    model: dict[str, torch.Tensor], state: dict[str, Any], run_dir: RunDir, flush: Callable[[], None] | None
+) -> None:
+    if flush is not None:
+        flush()
     write_model(model, Path(run_dir.path) / MODEL_FILE)
     checkpoint.save(state, run_dir)
 

@@ -114,6 +114,13 @@ class FlowerTransport:
         elif len(self.nodes) < self.cfg.num_clients:
             discover(self.grid, self.cfg, self.nodes, self.asked)
 
+    def flush(self) -> None:
+        """Wait for what the clients keep between rounds to be written, where the grid runs them in this
+        process and writes it behind their replies (the in-process backend); nothing to wait for elsewhere."""
+        flush = getattr(self.grid, "flush", None)
+        if flush is not None:
+            flush()
+
     def exchange(self, server_round: int, outbox: Outbox, partition_ids: Sequence[int]) -> Exchange:
         msgs, missing = [], []
         for pid in partition_ids:

@@ -145,9 +145,7 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Deliver every message now (no time limit); replies wait for `pull_messages`."""
-        ids = self._deliver_all(messages, timeout=None)
-        client_state.flush()
-        return ids
+        return self._deliver_all(messages, timeout=None)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         out = []
@@ -162,17 +160,17 @@ class InProcessGrid(Grid):
 
     def stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """`send_and_receive`, one reply at a time as each call ends (not part of Flower's Grid): a
-        server that takes each reply in before the next call holds one reply, not the cohort's.
-
-        The clients' state files of the exchange are on disk before its last reply is handed over
-        (fedsqueeze.deploy.state's write-behind), as when each call writes its own before replying."""
-        msgs = list(messages)
-        for i, msg in enumerate(msgs):
+        server that takes each reply in before the next call holds one reply, not the cohort's."""
+        for msg in messages:
             mid = self._deliver(msg, timeout)
-            if i == len(msgs) - 1:
-                client_state.flush()
             if mid is not None:
                 yield from self.pull_messages([mid])
+
+    def flush(self) -> None:
+        """Wait for the state files the ClientApp calls so far wrote behind their replies
+        (fedsqueeze.deploy.state's write-behind; not part of Flower's Grid): a server calls it before
+        its checkpoint, so that the checkpoint never runs ahead of its clients' files."""
+        client_state.flush()
 
     # ---- contexts (for tests and inspection) ----------------------------------------------
     def context(self, node_id: int) -> Context:
