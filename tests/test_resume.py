@@ -205,3 +205,34 @@ def test_killed_ray_run_resumes_on_ray_to_the_rows_of_an_uninterrupted_one(tmp_p
         if tracked is not None:
             clean_up(tracked, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_checkpoint_waits_for_the_state_files_its_clients_write_behind(tmp_path, monkeypatch):
+    """In-process, clients write their state files behind their replies; the server's checkpoint of a
+    round must not be written before every file of that round is (a resumed run would read older ones)."""
+    from fedsqueeze.deploy import state as client_state
+
+    real_save = client_state.StateStore.save
+
+    def slow_save(self, tensors, server_round):
+        time.sleep(0.05)  # a slow disk: without the wait, the checkpoint would overtake these writes
+        real_save(self, tensors, server_round)
+
+    behind_at_checkpoint = []
+    real_checkpoint = checkpoint.save
+
+    def checked_save(state, run_dir):
+        files = [f for f in (Path(run_dir.path) / "clients").rglob("partition-*.fsqstate") if ".prev." not in f.name]
+        written = {f.name: client_state._round_of(f) for f in files}
+        behind_at_checkpoint.append((state["round"], written))
+        real_checkpoint(state, run_dir)
+
+    monkeypatch.setattr(client_state.StateStore, "save", slow_save)
+    monkeypatch.setattr(checkpoint, "save", checked_save)
+    cfg = resolve(overrides=["num-clients=4", "compressor=topk(0.1)", "feedback=ef21", "rounds=3", "local-steps=2",
+                             f"out-dir={tmp_path}"])  # fmt: skip
+    simulate(cfg, backend="inprocess")
+    assert [r for r, _ in behind_at_checkpoint] == [0, 1, 2, 3]
+    for server_round, written in behind_at_checkpoint[1:]:
+        # every client trains every round: each has its file of this round (or of the next, already)
+        assert len(written) == 4 and min(written.values()) >= server_round, (server_round, written)
