@@ -180,6 +180,8 @@ def test_client_state_on_disk_in_simulation_gives_the_same_run(tmp_path):
         "bernoulli(0.3)",
         "topk(0.2) | qsgd(levels=4)",
         "qsgd(levels=8)",
+        "qsgd(levels=2)",
+        "qsgd(levels=16, norm=linf)",
         "identity",
         "topk(k=50)",
     ],
@@ -226,3 +228,20 @@ def test_a_rounds_broadcast_is_decoded_once_per_process_and_never_written(tmp_pa
     bad = _cfg(tmp_path, "num-clients=2", "rounds=1", "algorithm=test-writes-x", "name=bad")
     with pytest.raises(RuntimeError, match="changed the broadcast model x in place"):
         LocalTransport(bad).client.train(0, data, server.client_config(1, 0), {})
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-40])  # 1e-40: a subnormal step, decoded through float64
+def test_a_quantized_payloads_error_needs_only_its_nonzero_levels(scale):
+    from fedsqueeze.engine.payloads import UpdatePlan
+    from fedsqueeze.tracking import relative_error
+
+    plan = UpdatePlan([("w", (100_000,))], lambda name, numel: ("qsgd(levels=16)", "default"))
+    v = torch.randn(100_000, generator=torch.Generator().manual_seed(5)) * scale
+    (payload,) = plan.compress(v, torch.Generator().manual_seed(6))
+    where = torch.nonzero(payload.magnitudes).reshape(-1)
+    assert 0 < where.numel() < 100_000 // 4  # most levels are 0 on a long vector
+    dense = payload.to_dense()
+    assert torch.equal(payload.values_at(where), dense[where])  # bit for bit what the server decodes
+    if scale == 1.0:  # (at 1e-40, ||v||^2 underflows float32 whichever way the error is taken)
+        exact = relative_error(v.double(), dense.double())
+        assert plan.error(v, [payload]) == pytest.approx(exact, rel=1e-4)

@@ -117,6 +117,16 @@ class Quantized(Compressed):
     negative: torch.Tensor
     magnitudes: torch.Tensor
 
+    def values_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """to_dense()[indices], bit for bit, without the dense vector."""
+        mags, negative = self.magnitudes[indices], self.negative[indices]
+        step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
+        if self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny:
+            values = (mags.to(torch.float64) * (self.scale / self.levels)).to(torch.float32)
+        else:
+            values = mags.to(torch.float32) * step.to(mags.device)
+        return torch.where(negative, -values, values).to(self.dtype)
+
     def to_dense(self) -> torch.Tensor:
         step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
         if self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny:

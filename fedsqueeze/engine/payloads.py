@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsqueeze import wire
-from fedsqueeze.compressors import Compressed, Compressor, Dense, Sparse, build
+from fedsqueeze.compressors import Compressed, Compressor, Dense, Quantized, Sparse, build
 from fedsqueeze.config import Config
 
 DENSE_SPEC = "identity"
@@ -209,14 +209,22 @@ class UpdatePlan:
         """||C(v) - v||^2 / ||v||^2 of the payloads that stand for v (0 for v = 0 = C(v), else inf at v = 0).
 
         Every payload decompresses to `to_dense()`, so a sparse one's error needs only its kept
-        coordinates: ||v||^2 - ||v_S||^2 + ||C(v)_S - v_S||^2, no dense copy (a metric taken per reply).
+        coordinates: ||v||^2 - ||v_S||^2 + ||C(v)_S - v_S||^2, no dense copy (a metric taken per reply);
+        so does a quantized one's, with S its nonzero levels.
         """
         v = vector.detach().reshape(-1)
         err = 0.0
         for piece, c in zip(self.split(v), payloads, strict=True):
-            if isinstance(c, Sparse):
-                kept = piece[c.indices]
-                diff = c.values.to_dense().reshape(-1).to(piece.dtype) - kept
+            if isinstance(c, (Sparse, Quantized)):
+                # QSGD on a long vector rounds most coordinates to level 0: like a sparse payload's,
+                # its error needs only the coordinates it keeps
+                if isinstance(c, Sparse):
+                    where, values = c.indices, c.values.to_dense().reshape(-1)
+                else:
+                    where = torch.nonzero(c.magnitudes.reshape(-1)).reshape(-1)
+                    values = c.values_at(where)
+                kept = piece[where]
+                diff = values.to(piece.dtype) - kept
                 err += max(0.0, float(torch.dot(piece, piece)) - float(torch.dot(kept, kept)))
                 err += float(torch.dot(diff, diff))
             elif isinstance(c, Dense) and c.scale == 1.0 and c.values.dtype == piece.dtype and _same(c.values, piece):
