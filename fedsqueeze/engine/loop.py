@@ -6,6 +6,7 @@
         outbox = server.broadcast(round, cohort)       # per-client config and payload bytes
         arrivals = transport.exchange(round, outbox)   # replies (payloads, metrics) or failures
         server.begin(); server.take(reply) for each valid reply, in partition order; server.finish
+                                                       # (begin and take on the lane: engine/lane.py)
         row = bytes, failures, losses, evaluation,     # -> tracker (metrics.jsonl), observer
               cohort, inner_round, total_cost          # (algorithm.position; local/global-round-cost)
 
