@@ -186,10 +186,11 @@ class StateStore:
 
 
 class _WriteBehind:
-    pool: ThreadPoolExecutor | None = None
-    #: the last write handed over for each state file, until someone waits for it
-    pending: dict[Path, Future[None]] = {}
-    lock = threading.Lock()
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        #: the last write handed over for each state file, until someone waits for it
+        self.pending: dict[Path, Future[None]] = {}
+        self.lock = threading.Lock()
 
 
 _behind = _WriteBehind()

@@ -64,18 +64,11 @@ def parse(text: str) -> SecAgg | None:
         return None
     try:
         call = parse_call(text, example=EXAMPLE)
+        if call.name != NAME:
+            raise SecAggSpecError(f"unknown secure aggregation {call.name!r}; write {NONE!r} or e.g. {EXAMPLE!r}")
+        args = call.bind(("threshold", "bits", "clip"))
     except SpecError as exc:
         raise SecAggSpecError(str(exc)) from None
-    if call.name != NAME:
-        raise SecAggSpecError(f"unknown secure aggregation {call.name!r}; write {NONE!r} or e.g. {EXAMPLE!r}")
-    names = ("threshold", "bits", "clip")
-    if len(call.args) > len(names):
-        raise SecAggSpecError(f"{NAME} takes at most {len(names)} arguments ({', '.join(names)})")
-    args = dict(zip(names, call.args, strict=False))
-    for key, value in call.kwargs.items():
-        if key not in names:
-            raise SecAggSpecError(f"{NAME} has no argument {key!r}; valid: {', '.join(names)}")
-        args[key] = value
     if "threshold" not in args:
         raise SecAggSpecError(f"{NAME} needs a threshold, e.g. {EXAMPLE!r}")
     threshold, bits = args["threshold"], args.get("bits", DEFAULT_BITS)
