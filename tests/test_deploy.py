@@ -6,6 +6,7 @@ import json
 import logging
 import stat
 import threading
+import zlib
 
 import pytest
 import torch
@@ -88,6 +89,14 @@ def test_state_round_trip_is_exact(tmp_path):
         assert loaded.tensors[k].dtype == v.dtype and torch.equal(loaded.tensors[k], v)
     assert [p.name for p in store.path.parent.iterdir()] == [store.path.name]  # no temporary file left
 
+
+
+def test_a_state_files_check_is_zlibs_crc32_of_everything_before_it(tmp_path):
+    # the format (module docstring) is CRC-32 as zlib computes it, whichever library computes it here
+    store = StateStore(tmp_path, IDENT)
+    store.save({"residual": torch.randn(70_000), "h": torch.arange(9)}, server_round=2)
+    data = store.path.read_bytes()
+    assert int.from_bytes(data[-4:], "little") == zlib.crc32(data[:-4])
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
 def test_corrupted_state_file_is_refused(tmp_path, damage):

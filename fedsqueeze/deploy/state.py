@@ -38,7 +38,6 @@ import os
 import signal
 import struct
 import threading
-import zlib
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,10 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
+try:  # zlib-ng's CRC-32: the same values as zlib's, about 8x faster here (42 MB: 1.5 ms against 12 ms)
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # a platform without its wheel: the same check, slower
+    from zlib import crc32
+
 MAGIC = b"FSQSTATE"
 VERSION = 2
 #: the check is against corruption (a torn or damaged file), not against someone who can write the file
-#: (they could recompute any digest): CRC-32 runs at several GB/s, where SHA-256 took about one clone()
+#: (they could recompute any digest): CRC-32 runs at memory speed, where SHA-256 took about one clone()
 #: of the state per read and per write
 _CHECK = 4
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
@@ -133,7 +137,7 @@ class StateStore:
         parts = [MAGIC + struct.pack("<BI", VERSION, len(header)) + header, *blobs]
         check = 0
         for part in parts:
-            check = zlib.crc32(part, check)
+            check = crc32(part, check)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "r+b" if tmp.exists() else "wb") as fh:
@@ -264,7 +268,7 @@ def parse(data: bytes | memoryview, path: Path | str, identity: StateIdentity | 
     if version != VERSION:
         raise StateError(f"state file {path} has format version {version}; this fedsqueeze reads {VERSION}")
     body = data[:-_CHECK]
-    if zlib.crc32(body) != struct.unpack("<I", data[-_CHECK:])[0]:
+    if crc32(body) != struct.unpack("<I", data[-_CHECK:])[0]:
         raise StateError(f"state file {path} is corrupted (checksum mismatch); delete it to start afresh")
     try:
         header = json.loads(bytes(body[prefix : prefix + header_len]))
