@@ -19,7 +19,7 @@ start=$(date +%s)
 # the two commands of the guide (torch pinned here, as on every machine of this project)
 "$py" -m pip install --quiet --no-deps "$root"
 "$py" -m pip install --quiet "flwr>=1.42,<1.43" "${TORCH_SPEC:-torch==2.13.0}" numpy "protobuf>=6.33.5,<7" \
-    cryptography scikit-learn rich
+    cryptography scikit-learn rich zlib-ng
 echo "client-only install: $(( $(date +%s) - start )) s"
 "$py" - <<'PY'
 import importlib.util
@@ -27,6 +27,7 @@ import sys
 
 import fedsqueeze.client.app  # the ClientApp and everything it imports
 import fedsqueeze.deploy.state  # noqa: F401  durable state
+import zlib_ng  # noqa: F401  its checksum
 import fedsqueeze.deploy.credentials  # noqa: F401  `fedsqueeze keys` on a device
 
 for absent in ("ray", "matplotlib"):
