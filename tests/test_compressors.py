@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,34 @@ def test_natural_cpu_codes_match_the_frexp_formula():
     e = exponent.to(torch.int32) - 1 + (u < 2.0 * mantissa.abs() - 1.0).to(torch.int32)
     codes = torch.where(x == 0, 0, torch.clamp(e + NATURAL_BIAS, max=127 + NATURAL_BIAS)).to(torch.int16)
     assert torch.equal(c.codes, codes) and torch.equal(c.negative, x < 0)
+
+
+def test_uniform_words_are_the_words_behind_numpys_float32_uniforms():
+    """uniform_into gives rng.random(n, dtype=float32) bit for bit, and leaves the generator where that
+    call does, including a high half kept for the next draw (odd n) and one kept from an earlier draw."""
+    from fedsqueeze.compressors.randomness import uniform_into
+
+    r = np.random.default_rng(3)
+    for _ in range(200):
+        seed = int(r.integers(1 << 62))
+        ours, numpys = (np.random.Generator(np.random.PCG64(seed)) for _ in range(2))
+        for _ in range(int(r.integers(1, 6))):
+            n = int(r.integers(0, 5)) if r.random() < 0.3 else int(r.integers(0, 3000))
+            expected = numpys.random(n, dtype=np.float32)
+            got = uniform_into(ours, np.empty(n, dtype=np.float32))
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+            if r.random() < 0.3:  # another kind of draw in between
+                assert ours.random() == numpys.random()
+        a, b = ours.bit_generator.state, numpys.bit_generator.state
+        assert a["state"] == b["state"] and a["has_uint32"] == b["has_uint32"]
+        assert not a["has_uint32"] or a["uinteger"] == b["uinteger"]
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3333, 2.0**-24, 1e-9, 0.99999994, 1.0])
+def test_bernoulli_on_the_cpu_keeps_where_numpys_float32_uniform_is_below_p(p):
+    from fedsqueeze.compressors.randomness import numpy_rng
+
+    d = 200_001
+    kept = build(f"bernoulli({p})").compress(torch.randn(d), torch.Generator().manual_seed(11)).indices
+    u = numpy_rng(torch.Generator().manual_seed(11)).random(d, dtype=np.float32)
+    assert np.array_equal(kept.numpy(), np.flatnonzero(u < np.float32(p)))

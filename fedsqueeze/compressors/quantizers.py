@@ -9,7 +9,7 @@ import torch
 
 from .base import FLOAT32_MAX, Compressor, CompressorError, check_input, checked_peak
 from .compressed import NATURAL_BIAS, Natural, Quantized
-from .randomness import device_generator, numpy_rng, uniform
+from .randomness import UNIFORM_SHIFT, UNIFORM_STEP, device_generator, numpy_rng, uniform, uniform_into, uniform_words
 from .registry import register
 
 # Coordinates per chunk of the CPU dithering loop: a few hundred KiB, so buffers stay in cache.
@@ -111,7 +111,7 @@ class QSGD(Compressor):
             if p_max < SKIP_SAMPLING_BELOW:
                 negative, magnitudes = _bernoulli_skip(xs, factor, p_max, rng)
             else:
-                negative, magnitudes = self._dither_cpu(xs, scale, rng, mag_dtype)
+                negative, magnitudes = self._dither_cpu(xs, scale, peak, rng, mag_dtype)
             return Quantized(d, x.dtype, scale, self.levels, negative, magnitudes.to(mag_dtype))
         negative = x < 0
         y = x.abs().to(torch.float32)
@@ -125,7 +125,7 @@ class QSGD(Compressor):
         low = torch.floor(y)
         return torch.clamp_max(low + (u < y - low), self.levels)
 
-    def _dither_cpu(self, xs: np.ndarray, scale: float, rng: np.random.Generator, mag_dtype):
+    def _dither_cpu(self, xs: np.ndarray, scale: float, peak: float, rng: np.random.Generator, mag_dtype):
         """(negative, magnitudes), in cache-sized chunks: one pass over x, no large temporaries."""
         negative = np.empty(xs.size, dtype=bool)
         out = np.empty(xs.size, dtype=np.uint8 if mag_dtype == torch.uint8 else np.int32)
@@ -135,21 +135,28 @@ class QSGD(Compressor):
         # a scale so small (subnormal) that levels / scale overflows float32: divide by it, then multiply
         tiny = factor > FLOAT32_MAX
         factor32 = np.float32(self.levels if tiny else factor)
+        scale32, levels32 = np.float32(scale), np.float32(self.levels)
+        # rounding is monotone, so y_j <= y of max|x|: when that is <= levels, no y_j rounds past the top
+        # level (y_j = levels has no fraction to round up) and the clamp would change nothing
+        top = np.float32(peak)  # max|x| in float32 is the largest |xs_j|
+        clamp = bool((top / scale32 * factor32 if tiny else top * factor32) > levels32)
         for start in range(0, xs.size, _CHUNK):
             n = min(_CHUNK, xs.size - start)
             chunk, yv, lv, uv, upv = xs[start : start + n], y[:n], low[:n], u[:n], up[:n]
             np.signbit(chunk, out=negative[start : start + n])  # -0.0 too: it decodes to 0
             np.abs(chunk, out=yv)
             if tiny:
-                np.divide(yv, np.float32(scale), out=yv)
+                np.divide(yv, scale32, out=yv)
             np.multiply(yv, factor32, out=yv)
+            if clamp:  # min(floor(y) + up, levels) is min(y, levels) rounded the same way
+                np.minimum(yv, levels32, out=yv)
             np.floor(yv, out=lv)
             np.subtract(yv, lv, out=yv)  # yv is now the probability of rounding up
-            rng.random(n, dtype=np.float32, out=uv)
+            uniform_into(rng, uv)
             np.less(uv, yv, out=upv)
-            np.add(lv, upv, out=lv)
-            np.minimum(lv, self.levels, out=lv)
-            out[start : start + n] = lv
+            level = out[start : start + n]
+            np.copyto(level, lv, casting="unsafe")  # whole numbers in [0, levels]
+            np.add(level, upv.view(np.uint8), out=level, casting="unsafe")
         return torch.from_numpy(negative), torch.from_numpy(out)
 
     def eta(self, d: int) -> float:
@@ -201,18 +208,18 @@ class NaturalCompression(Compressor):
         codes = np.empty(d, dtype=np.int16)
         negative = np.less(xs, 0)
         magnitude = np.empty(min(_CHUNK, d), dtype=np.uint32)
-        frac, u = np.empty(magnitude.size, dtype=np.float32), np.empty(magnitude.size, dtype=np.float32)
+        fraction, half_step = np.empty_like(magnitude), np.empty_like(magnitude)
         up = np.empty(magnitude.size, dtype=bool)
         top = np.int16(127 + NATURAL_BIAS)
         for start in range(0, d, _CHUNK):
             n = min(_CHUNK, d - start)
-            a, fv, uv, upv, out = magnitude[:n], frac[:n], u[:n], up[:n], codes[start : start + n]
+            a, fv, kv, upv = magnitude[:n], fraction[:n], half_step[:n], up[:n]
+            out = codes[start : start + n]
             np.bitwise_and(xs[start : start + n].view(np.uint32), np.uint32(0x7FFFFFFF), out=a)
-            np.bitwise_and(a, np.uint32(0x7FFFFF), out=fv.view(np.uint32))
-            np.bitwise_or(fv.view(np.uint32), np.uint32(0x3F800000), out=fv.view(np.uint32))
-            np.subtract(fv, np.float32(1.0), out=fv)  # f, exactly
-            rng.random(n, dtype=np.float32, out=uv)
-            np.less(uv, fv, out=upv)
+            np.bitwise_and(a, np.uint32(0x7FFFFF), out=fv)  # f = fv 2^-23, exactly
+            # u < f for numpy's uniform u = (w >> 8) 2^-24 is (w >> 8) < 2 fv, i.e. (w >> 9) < fv
+            words = uniform_words(rng, n)
+            np.less(np.right_shift(words, UNIFORM_SHIFT + 1, out=kv), fv, out=upv)
             np.right_shift(a, 23, out=a)
             low = np.flatnonzero(a == 0) if a.min() == 0 else None  # zeros and subnormals
             np.add(a, upv, out=a)
@@ -222,7 +229,8 @@ class NaturalCompression(Compressor):
                 sub = xs[start + low]
                 mantissa, exponent = np.frexp(sub)
                 p_up = np.float32(2.0) * np.abs(mantissa) - np.float32(1.0)
-                e = exponent - 1 + (uv[low] < p_up) + NATURAL_BIAS
+                u = (words[low] >> np.uint32(UNIFORM_SHIFT)).astype(np.float32) * UNIFORM_STEP
+                e = exponent - 1 + (u < p_up) + NATURAL_BIAS
                 out[low] = np.where(sub == 0, 0, e)
         return Natural(x.numel(), x.dtype, torch.from_numpy(negative), torch.from_numpy(codes))
 

@@ -9,7 +9,7 @@ import torch
 
 from .base import CompressorError, Selector, scale_values
 from .compressed import shared_indices
-from .randomness import draw_seed, uniform
+from .randomness import UNIFORM_SHIFT, draw_seed, numpy_rng, uniform, uniform_words
 from .registry import register
 
 # Coordinates per chunk in the CPU top-k scan: small enough to stay in cache.
@@ -120,12 +120,22 @@ class Bernoulli(Selector):
         self.p = float(p)
 
     def select(self, x, generator):
-        u = uniform(x.numel(), generator, x.device)
-        if x.device.type == "cpu":  # the same float32 comparison; numpy's nonzero is the faster
-            idx = torch.from_numpy(np.flatnonzero(u.numpy() < np.float32(self.p)))
+        if x.device.type == "cpu":
+            idx = torch.from_numpy(self._kept_cpu(x.numel(), numpy_rng(generator)))
         else:
-            idx = torch.nonzero(u < self.p).squeeze(1)
+            idx = torch.nonzero(uniform(x.numel(), generator, x.device) < self.p).squeeze(1)
         return idx, scale_values(x[idx], 1.0 / self.p, "bernoulli"), None
+
+    def _kept_cpu(self, d: int, rng: np.random.Generator) -> np.ndarray:
+        """Where numpy's float32 uniform u_j < p (float32), chunk by chunk, from the uniforms' words:
+        u = (w >> 8) 2^-24 < p exactly when w < ceil(p 2^24) 2^8 (no float is made)."""
+        bound = math.ceil(float(np.float32(self.p)) * 2.0**24)
+        if bound >= 2**24:  # p = 1: every u < 1 (and rng is this call's own: nothing else draws from it)
+            return np.arange(d, dtype=np.int64)
+        below = np.uint32(bound << UNIFORM_SHIFT)
+        kept = [np.flatnonzero(uniform_words(rng, min(_CHUNK, d - start)) < below) + start
+                for start in range(0, d, _CHUNK)]  # fmt: skip
+        return np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
 
     def max_kept(self, d: int) -> int:
         return d
