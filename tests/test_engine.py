@@ -240,6 +240,7 @@ def test_a_quantized_payloads_error_needs_only_its_nonzero_levels(scale):
     (payload,) = plan.compress(v, torch.Generator().manual_seed(6))
     where = torch.nonzero(payload.magnitudes).reshape(-1)
     assert 0 < where.numel() < 100_000 // 4  # most levels are 0 on a long vector
+    assert torch.equal(payload.nonzero_levels(), where)
     dense = payload.to_dense()
     assert torch.equal(payload.values_at(where), dense[where])  # bit for bit what the server decodes
     if scale == 1.0:  # (at 1e-40, ||v||^2 underflows float32 whichever way the error is taken)

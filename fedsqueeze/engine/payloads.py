@@ -221,7 +221,7 @@ class UpdatePlan:
                 if isinstance(c, Sparse):
                     where, values = c.indices, c.values.to_dense().reshape(-1)
                 else:
-                    where = torch.nonzero(c.magnitudes.reshape(-1)).reshape(-1)
+                    where = c.nonzero_levels()
                     values = c.values_at(where)
                 kept = piece[where]
                 diff = values.to(piece.dtype) - kept
