@@ -213,7 +213,7 @@ class UpdatePlan:
         so does a quantized one's, with S its nonzero levels.
         """
         v = vector.detach().reshape(-1)
-        err = 0.0
+        err, whole = 0.0, None  # whole: ||v||^2 when one payload stands for all of v
         for piece, c in zip(self.split(v), payloads, strict=True):
             if isinstance(c, (Sparse, Quantized)):
                 # QSGD on a long vector rounds most coordinates to level 0: like a sparse payload's,
@@ -225,14 +225,16 @@ class UpdatePlan:
                     values = c.values_at(where)
                 kept = piece[where]
                 diff = values.to(piece.dtype) - kept
-                err += max(0.0, float(torch.dot(piece, piece)) - float(torch.dot(kept, kept)))
+                energy = float(torch.dot(piece, piece))
+                whole = energy if len(payloads) == 1 else None
+                err += max(0.0, energy - float(torch.dot(kept, kept)))
                 err += float(torch.dot(diff, diff))
             elif isinstance(c, Dense) and c.scale == 1.0 and c.values.dtype == piece.dtype and _same(c.values, piece):
                 continue  # the payload holds the vector itself (identity): no error
             else:
                 diff = c.to_dense().reshape(-1).to(piece.dtype) - piece
                 err += float(torch.dot(diff, diff))
-        norm = float(torch.dot(v, v))
+        norm = whole if whole is not None else float(torch.dot(v, v))
         if norm == 0.0:
             return 0.0 if err == 0.0 else math.inf
         return err / norm
