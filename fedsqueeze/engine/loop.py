@@ -216,14 +216,10 @@ def run_round(server: Server, transport: Transport, server_round: int, lane: Lan
     if lane is None:
         with Lane() as own:
             return run_round(server, transport, server_round, own)
-    t0 = time.perf_counter()
     cfg = server.cfg
-    chosen = sorted(server.select(server_round).ids)
-    cohort, inner_round = server.algorithm.position(server_round)
-    # a cohort costs c1 per communication round in it and c2 once (the round between cohorts)
-    server.total_cost += cfg.local_round_cost + (cfg.global_round_cost if inner_round == 1 else 0.0)
-    outbox = server.broadcast(server_round, chosen)
-    exchange = transport.exchange(server_round, outbox, chosen)
+    start = server.open_round(server_round)
+    chosen = start.chosen
+    exchange = transport.exchange(server_round, start.outbox, chosen)
 
     # each arrival's outcome, in partition order: a failure now, or the lane's take of its reply
     outcomes: list[str | Future[Reply | Failure]] = []
@@ -261,26 +257,18 @@ def run_round(server: Server, transport: Transport, server_round: int, lane: Lan
             len(ok),
             cfg.min_replies,
         )
-    evaluation = server.evaluate()
     weights = [float(r.num_examples) for r in ok]
-    row: dict[str, Any] = {
-        "clients_sampled": len(chosen),
-        "clients_ok": len(ok),
-        "clients_failed": len(chosen) - len(ok),
+    row = server.row(
+        start,
+        ok=len(ok),
+        applied=applied,
         # of the failed, the replies a defence turned away (norm bound, example cap, overflow)
-        "clients_rejected": rejected,
-        "uplink_bytes": uplink_bytes,
-        "downlink_bytes": exchange.downlink_bytes,
-        "train_loss": weighted_mean([r.train_loss for r in ok], weights) if ok else None,
-        "compression_error": mean([r.compression_error for r in ok]) if ok else None,
-        **evaluation,
-        "wall_s": time.perf_counter() - t0,
-        "dense_uplink_bytes": 4 * server.uplink.numel * len(ok),
-        "applied": applied,
-        "cohort": cohort,
-        "inner_round": inner_round,
-        "total_cost": server.total_cost,
-    }
+        clients_rejected=rejected,
+        uplink_bytes=uplink_bytes,
+        downlink_bytes=exchange.downlink_bytes,
+        train_loss=weighted_mean([r.train_loss for r in ok], weights) if ok else None,
+        compression_error=mean([r.compression_error for r in ok]) if ok else None,
+    )
     # algorithms with personal models (flix, scafflix, lowrank) report each client's accuracy with the
     # global and with its personal model: mean, std, min and max over the valid replies
     reports = [{k: v for k, v in r.metrics.items() if k in PERSONAL_METRICS} for r in ok]

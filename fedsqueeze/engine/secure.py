@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -173,14 +172,11 @@ def decode_sum(plan: UpdatePlan, layout: Sequence[Support], sums: np.ndarray) ->
 
 def secure_round(server: Server, transport: StageTransport, server_round: int) -> dict[str, Any]:
     """One secure round; returns its row (as `fedsqueeze.engine.loop.run_round` does)."""
-    t0 = time.perf_counter()
     cfg = server.cfg
     spec = parse(cfg.secagg)
     assert spec is not None
-    chosen = sorted(server.select(server_round).ids)
-    cohort, inner_round = server.algorithm.position(server_round)
-    server.total_cost += cfg.local_round_cost + (cfg.global_round_cost if inner_round == 1 else 0.0)
-    outbox = server.broadcast(server_round, chosen)
+    start = server.open_round(server_round)
+    chosen, outbox = start.chosen, start.outbox
     seed = round_seed(cfg.seed, server_round)
     layout = supports(server.uplink, SharedSeed(seed))
     length = sum(s.size(g.numel) for g, s in zip(server.uplink.groups, layout, strict=True))
@@ -205,25 +201,17 @@ def secure_round(server: Server, transport: StageTransport, server_round: int) -
         log.warning("round %d: %s", server_round, failure)
     applied = aborted is None and len(survivors) >= cfg.min_replies
     server.finish(server_round, step=applied)
-    evaluation = server.evaluate()
-    return {
-        "clients_sampled": len(chosen),
-        "clients_ok": len(survivors) if aborted is None else 0,
-        "clients_failed": len(chosen) - (len(survivors) if aborted is None else 0),
-        "clients_rejected": 0,
-        "uplink_bytes": traffic["up"],
-        "downlink_bytes": traffic["down"],
-        "train_loss": None,
-        "compression_error": None,
-        **evaluation,
-        "wall_s": time.perf_counter() - t0,
-        "dense_uplink_bytes": 4 * server.uplink.numel * len(survivors),
-        "applied": applied,
-        "cohort": cohort,
-        "inner_round": inner_round,
-        "total_cost": server.total_cost,
-        "secagg_aborted": aborted,
-    }
+    row = server.row(
+        start,
+        ok=len(survivors) if aborted is None else 0,
+        applied=applied,
+        clients_rejected=0,
+        uplink_bytes=traffic["up"],
+        downlink_bytes=traffic["down"],
+        train_loss=None,
+        compression_error=None,
+    )
+    return {**row, "secagg_aborted": aborted}
 
 
 def _stages(

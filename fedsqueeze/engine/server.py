@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,18 @@ class Outbox:
 
     def bytes_to(self, partition_ids: Sequence[int]) -> int:
         return sum(sum(len(b) for b in self.payloads[pid].values()) for pid in partition_ids)
+
+
+@dataclass
+class RoundStart:
+    """A round as it opens: its cohort (partition ids, ascending), its place among the algorithm's
+    cohorts, what each member is sent, and when it began (perf_counter)."""
+
+    chosen: list[int]
+    cohort: int
+    inner_round: int
+    outbox: Outbox
+    t0: float
 
 
 class Server:
@@ -224,6 +237,32 @@ class Server:
         return out
 
     # ---- uplink: one reply at a time --------------------------------------------------------
+    def open_round(self, server_round: int) -> RoundStart:
+        """Sample the round's cohort, count its cost and make its broadcast (every kind of round)."""
+        t0 = time.perf_counter()
+        chosen = sorted(self.select(server_round).ids)
+        cohort, inner_round = self.algorithm.position(server_round)
+        # a cohort costs c1 per communication round in it and c2 once (the round between cohorts)
+        self.total_cost += self.cfg.local_round_cost + (self.cfg.global_round_cost if inner_round == 1 else 0.0)
+        return RoundStart(chosen, cohort, inner_round, self.broadcast(server_round, chosen), t0)
+
+    def row(self, start: RoundStart, *, ok: int, applied: bool, **columns: object) -> dict[str, object]:
+        """A round's row of metrics.jsonl: the counts of `start`'s cohort with `ok` valid replies,
+        the evaluation of the model now, and `columns` (bytes, losses, ...) in the order given."""
+        return {
+            "clients_sampled": len(start.chosen),
+            "clients_ok": ok,
+            "clients_failed": len(start.chosen) - ok,
+            **columns,
+            **self.evaluate(),
+            "wall_s": time.perf_counter() - start.t0,
+            "dense_uplink_bytes": 4 * self.uplink.numel * ok,
+            "applied": applied,
+            "cohort": start.cohort,
+            "inner_round": start.inner_round,
+            "total_cost": self.total_cost,
+        }
+
     def begin(self, server_round: int) -> None:
         """Start taking in a round's replies (call `take` for each, in partition order, then `finish`)."""
         self.aggregator.begin()
