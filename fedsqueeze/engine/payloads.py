@@ -234,6 +234,8 @@ class UpdatePlan:
             else:
                 diff = c.to_dense().reshape(-1).to(piece.dtype) - piece
                 err += float(torch.dot(diff, diff))
+        if err == 0.0:  # whatever ||v|| is (identity's payloads hold v itself)
+            return 0.0
         norm = whole if whole is not None else float(torch.dot(v, v))
         if norm == 0.0:
             return 0.0 if err == 0.0 else math.inf
