@@ -3,6 +3,7 @@
     python benchmarks/round.py                      # every config, 2 and 10 local steps, stock Flower, scale runs
     python benchmarks/round.py --quick              # without the memory-at-scale runs (20 and 1000 clients)
     python benchmarks/round.py --configs identity,topk --steps 2 --rounds 3 --no-flower --out FILE.json
+    python benchmarks/round.py --steps 10 --quick --no-flower --repeats 3   # each config 3 times, pooled
 
 Model and data: benchmarks/big_task.py, a user task (`task = "big_task:build"`): an MLP
 1024 -> 4096 -> 1536 -> 10 (d = 10,506,762) on synthetic data from the seed, 8 clients (iid, 320
@@ -35,6 +36,9 @@ Columns:
 Stock Flower (benchmarks/stock_flower.py): Flower's FedAvg + a minimal ClientApp doing the same plain
 steps, on Flower's Ray simulation engine (one CPU per client); round times taken inside the ServerApp,
 Ray start-up excluded; target: the in-process identity round <= 1.0 x stock Flower's.
+With --repeats N every config runs N times, in turns (all configs once, then again), so that a slow
+spell of the machine falls on every config; its row pools the N runs: the medians of all their rounds
+after the first (fedsqueeze's and plain ones), the median clone, the highest peak.
 Targets are printed, not asserted. Results go to --out (benchmarks/results/round.json).
 """
 
@@ -286,6 +290,22 @@ def run_sub(mode: str, spec: dict, timeout: float, rss_cap_mb: float) -> dict:  
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def pooled(runs: list[dict]) -> dict:  # type: ignore[type-arg]
+    """One row from repeated runs of a config (see the module docstring); the runs are kept under "runs"."""
+    done = [r for r in runs if "stopped" not in r]
+    if len(done) < len(runs):
+        return next(r for r in runs if "stopped" in r)
+    if len(runs) == 1:
+        return runs[0]
+    round_s = statistics.median(w for r in runs for w in r["round_walls_s"][1:])
+    plain_s = statistics.median(p for r in runs for p in r["plain_rounds_s"][1:])
+    clone = statistics.median(r["clone_s"] for r in runs)
+    fw = (round_s - plain_s) / runs[0]["cohort"]
+    return {**runs[0], "round_s": round_s, "plain_s": plain_s, "ratio": round_s / plain_s,
+            "fw_s_per_client_round": fw, "clone_s": clone, "clones": fw / clone,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}  # fmt: skip
+
+
 def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}" if math.isfinite(x) else "n/a"
 
@@ -334,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     parser.add_argument("--quick", action="store_true", help="skip the memory-at-scale runs (20 and 1000 clients)")
     parser.add_argument("--scale", default=",".join(SCALE), help="memory-at-scale runs to do, comma-separated")
     parser.add_argument("--no-flower", action="store_true", help="skip the stock Flower (Ray) reference")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each config, in turns, pooled")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
     parser.add_argument("--rss-cap-mb", type=float, default=12000.0, help="stop a subprocess whose RSS goes over this")
     parser.add_argument("--out", default=str(HERE / "results" / "round.json"))
@@ -350,23 +371,25 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
         if s not in SCALE:
             parser.error(f"unknown scale run {s!r}; valid: {', '.join(SCALE)}")
 
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
     base = {"model": model, "clients": args.clients, "examples": args.examples, "rounds": args.rounds}
-    rows, flower = [], []
-    print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
-    for k in steps:
-        for name in names:
-            spec = {**base, "name": name, "keys": CONFIGS[name], "steps": k}
-            row = run_sub("--worker", spec, args.timeout, args.rss_cap_mb)
-            rows.append(row)
-            print(table_row(row), flush=True)
+    specs = [{**base, "name": name, "keys": CONFIGS[name], "steps": k} for k in steps for name in names]
     for name in scale:
         keys, clients, _, rounds, examples = SCALE[name]
-        spec = {**base, "name": name, "keys": keys, "steps": SCALE_STEPS, "clients": clients,
-                "examples": examples, "rounds": rounds or args.rounds}  # fmt: skip
-        row = run_sub("--worker", spec, args.timeout, args.rss_cap_mb)
-        rows.append(row)
-        print(table_row(row), flush=True)
+        specs.append({**base, "name": name, "keys": keys, "steps": SCALE_STEPS, "clients": clients,
+                      "examples": examples, "rounds": rounds or args.rounds})  # fmt: skip
+    flower: list[dict] = []  # type: ignore[type-arg]
+    runs: list[list[dict]] = [[] for _ in specs]  # type: ignore[type-arg]
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    for repeat in range(args.repeats):
+        for spec, done in zip(specs, runs, strict=True):
+            done.append(run_sub("--worker", spec, args.timeout, args.rss_cap_mb))
+            if repeat == args.repeats - 1:
+                print(table_row(pooled(done)), flush=True)
+    rows = [pooled(done) for done in runs]
     if not args.no_flower:
         for k in steps:
             spec = {**base, "name": "stock-flower", "steps": k}

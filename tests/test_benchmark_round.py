@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,23 @@ def test_round_benchmark_writes_its_table(tmp_path):
         assert all(b > 0 for b in r["uplink_bytes"]) and r["clients_failed"] == [0, 0]
         assert f"`{r['name']}`" in done.stdout
     assert result["stock_flower"] == []
+
+
+def test_repeated_runs_of_a_config_are_pooled_into_its_row(tmp_path):
+    out = tmp_path / "round.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "round.py"), "--model", "16,32,16,10", "--examples", "64",
+         "--configs", "identity", "--steps", "2", "--rounds", "3", "--quick", "--no-flower", "--repeats", "2",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    runs = row["runs"]
+    assert len(runs) == 2 and all(len(r["round_walls_s"]) == 3 for r in runs)
+    # the medians of both runs' rounds after the first
+    assert row["round_s"] == statistics.median(w for r in runs for w in r["round_walls_s"][1:])
+    assert row["plain_s"] == statistics.median(p for r in runs for p in r["plain_rounds_s"][1:])
+    assert row["ratio"] == row["round_s"] / row["plain_s"]
+    assert row["clones"] == (row["round_s"] - row["plain_s"]) / row["cohort"] / row["clone_s"]
+    assert done.stdout.count("`identity`") == 1  # one row for the config
