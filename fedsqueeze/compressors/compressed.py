@@ -126,36 +126,40 @@ class Quantized(Compressed):
 
     def values_at(self, indices: torch.Tensor) -> torch.Tensor:
         """to_dense()[indices], bit for bit, without the dense vector."""
-        mags, negative = self.magnitudes[indices], self.negative[indices]
-        step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
-        if self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny:
+        return self._values(self.magnitudes[indices], self.negative[indices], self._step())
+
+    def _step(self) -> torch.Tensor:
+        """scale / levels, in float32: the value of one level."""
+        return torch.tensor(self.scale, dtype=torch.float32) / self.levels
+
+    def _subnormal(self, step: torch.Tensor) -> bool:
+        return self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny
+
+    def _values(self, mags: torch.Tensor, negative: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        if self._subnormal(step):
+            # a subnormal step has few significant bits: scale in float64, round once to float32
             values = (mags.to(torch.float64) * (self.scale / self.levels)).to(torch.float32)
         else:
             values = mags.to(torch.float32) * step.to(mags.device)
         return torch.where(negative, -values, values).to(self.dtype)
 
     def to_dense(self) -> torch.Tensor:
-        step = torch.tensor(self.scale, dtype=torch.float32) / self.levels
-        if self.scale > 0 and float(step) < torch.finfo(torch.float32).tiny:
-            # a subnormal step has few significant bits: scale in float64, round once to float32
-            values = (self.magnitudes.to(torch.float64) * (self.scale / self.levels)).to(torch.float32)
-            return torch.where(self.negative, -values, values).to(self.dtype)
-        if self.device.type == "cpu":
-            # magnitudes * step (exact float32 products, as below), then the sign bit set where
-            # negative, chunk by chunk: one pass over the output, no temporaries of its size
-            out = np.empty(self.numel, dtype=np.float32)
-            mags, negative = self.magnitudes.numpy(), self.negative.numpy().view(np.uint8)
-            sign = np.empty(min(self.numel, NUMPY_CHUNK), dtype=np.uint32)
-            for start in range(0, self.numel, NUMPY_CHUNK):
-                part = out[start : start + NUMPY_CHUNK]
-                np.copyto(part, mags[start : start + NUMPY_CHUNK], casting="unsafe")
-                np.multiply(part, step.numpy(), out=part)
-                bits = sign[: part.size]
-                np.left_shift(negative[start : start + NUMPY_CHUNK], 31, out=bits, dtype=np.uint32)
-                np.bitwise_or(part.view(np.uint32), bits, out=part.view(np.uint32))
-            return torch.from_numpy(out).to(self.dtype)
-        values = self.magnitudes.to(torch.float32) * step.to(self.device)
-        return torch.where(self.negative, -values, values).to(self.dtype)
+        step = self._step()
+        if self.device.type != "cpu" or self._subnormal(step):
+            return self._values(self.magnitudes, self.negative, step)
+        # magnitudes * step (exact float32 products, as in _values), then the sign bit set where
+        # negative, chunk by chunk: one pass over the output, no temporaries of its size
+        out = np.empty(self.numel, dtype=np.float32)
+        mags, negative = self.magnitudes.numpy(), self.negative.numpy().view(np.uint8)
+        sign = np.empty(min(self.numel, NUMPY_CHUNK), dtype=np.uint32)
+        for start in range(0, self.numel, NUMPY_CHUNK):
+            part = out[start : start + NUMPY_CHUNK]
+            np.copyto(part, mags[start : start + NUMPY_CHUNK], casting="unsafe")
+            np.multiply(part, step.numpy(), out=part)
+            bits = sign[: part.size]
+            np.left_shift(negative[start : start + NUMPY_CHUNK], 31, out=bits, dtype=np.uint32)
+            np.bitwise_or(part.view(np.uint32), bits, out=part.view(np.uint32))
+        return torch.from_numpy(out).to(self.dtype)
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,7 @@ import torch
 
 from .base import FLOAT32_MAX, Compressor, CompressorError, check_input, checked_peak
 from .compressed import NATURAL_BIAS, Natural, Quantized
-from .randomness import UNIFORM_SHIFT, UNIFORM_STEP, device_generator, numpy_rng, uniform, uniform_into, uniform_words
+from .randomness import UNIFORM_SHIFT, device_generator, numpy_rng, uniform, uniform_into, uniform_words, uniforms_of
 from .registry import register
 
 # Coordinates per chunk of the CPU dithering loop: a few hundred KiB, so buffers stay in cache.
@@ -208,12 +208,12 @@ class NaturalCompression(Compressor):
         codes = np.empty(d, dtype=np.int16)
         negative = np.less(xs, 0)
         magnitude = np.empty(min(_CHUNK, d), dtype=np.uint32)
-        fraction, half_step = np.empty_like(magnitude), np.empty_like(magnitude)
+        fraction, top_bits = np.empty_like(magnitude), np.empty_like(magnitude)
         up = np.empty(magnitude.size, dtype=bool)
         top = np.int16(127 + NATURAL_BIAS)
         for start in range(0, d, _CHUNK):
             n = min(_CHUNK, d - start)
-            a, fv, kv, upv = magnitude[:n], fraction[:n], half_step[:n], up[:n]
+            a, fv, kv, upv = magnitude[:n], fraction[:n], top_bits[:n], up[:n]
             out = codes[start : start + n]
             np.bitwise_and(xs[start : start + n].view(np.uint32), np.uint32(0x7FFFFFFF), out=a)
             np.bitwise_and(a, np.uint32(0x7FFFFF), out=fv)  # f = fv 2^-23, exactly
@@ -229,7 +229,7 @@ class NaturalCompression(Compressor):
                 sub = xs[start + low]
                 mantissa, exponent = np.frexp(sub)
                 p_up = np.float32(2.0) * np.abs(mantissa) - np.float32(1.0)
-                u = (words[low] >> np.uint32(UNIFORM_SHIFT)).astype(np.float32) * UNIFORM_STEP
+                u = uniforms_of(words[low], np.empty(low.size, dtype=np.float32))
                 e = exponent - 1 + (u < p_up) + NATURAL_BIAS
                 out[low] = np.where(sub == 0, 0, e)
         return Natural(x.numel(), x.dtype, torch.from_numpy(negative), torch.from_numpy(codes))

@@ -57,7 +57,11 @@ def uniform_words(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def uniform_into(rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
     """`rng.random(out.size, dtype=np.float32, out=out)`: the same values and generator state, faster."""
-    words = uniform_words(rng, out.size)
+    return uniforms_of(uniform_words(rng, out.size), out)
+
+
+def uniforms_of(words: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The float32 uniforms of `uniform_words`' words, into `out` (the words are shifted in place)."""
     np.right_shift(words, UNIFORM_SHIFT, out=words)
     np.copyto(out, words, casting="unsafe")  # < 2**24: exact in float32
     return np.multiply(out, UNIFORM_STEP, out=out)

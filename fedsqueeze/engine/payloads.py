@@ -238,7 +238,7 @@ class UpdatePlan:
             return 0.0
         norm = whole if whole is not None else float(torch.dot(v, v))
         if norm == 0.0:
-            return 0.0 if err == 0.0 else math.inf
+            return math.inf
         return err / norm
 
     def encode(self, payloads: Sequence[Compressed]) -> dict[str, bytes]:
