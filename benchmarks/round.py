@@ -23,7 +23,10 @@ Each config runs in its own subprocess, which does, in this order:
    plain `torch.optim.SGD` loop, one torch thread (as fedsqueeze gives each client call); only the
    steps are timed (no model loading); summed over the round's clients, median over rounds after
    the first. They run in the same process after the run, so with the same memory allocator
-   settings (fedsqueeze.simulation.allocator), which speed up their gradient buffers as well.
+   settings (fedsqueeze.simulation.allocator), which speed up their gradient buffers as well;
+5. the codec alone (`codec_floor`), one torch thread, median of 5: the uplink plan's compress+encode
+   of client 0's update after the same plain steps, the downlink plan's compress+encode of the
+   broadcast and its decode, through the engine's own UpdatePlan and wire codec.
 
 Columns:
   plain ms     plain local steps of the round's clients (3.)
@@ -31,6 +34,11 @@ Columns:
   x plain      round ms / plain ms                               (target: <= 1.10 with 10 local steps)
   fw ms/cr     (round - plain) / clients per round: framework time per client-round
   clones       fw ms/cr in units of one clone() of the model vector  (target: <= 6)
+  codec ms/cr  what the codec alone costs a client call (5.): the uplink compress+encode of a real
+               update, and the broadcast's decode where each client decodes its own
+  floor x      (plain + clients x codec ms/cr + the broadcast's encode and decode per round) / plain:
+               the smallest x plain a round could reach with the codec's own work done between the
+               clients' local steps, as the single client worker does it
   peak MB      peak RSS of the subprocess that ran the config (2.)  (20 clients topk+ef21: <= 1.5 GB;
                1000 clients ef21 cohort 10: <= 4 GB)
 Stock Flower (benchmarks/stock_flower.py): Flower's FedAvg + a minimal ClientApp doing the same plain
@@ -141,6 +149,61 @@ def plain_rounds(task, cohort: int, rounds: int, steps: int) -> list[float]:  # 
     return per_round
 
 
+def codec_floor(cfg, task, steps: int, repeats: int = 5) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Seconds of the compression a round cannot do beside the local steps, one torch thread, median of
+    `repeats` after a warm-up: per client, the uplink compress+encode of a real update (client 0's
+    delta after `steps` plain steps; the single client worker runs it between two clients' steps);
+    per round, the broadcast's compress+encode on the server and its decode (the plain broadcast is
+    decoded once per round; under downlink feedback each client decodes its own, counted per client)."""
+    import big_task
+    import torch
+
+    from fedsqueeze import wire
+    from fedsqueeze.algorithms import build
+    from fedsqueeze.config import NO_DOWNLINK
+    from fedsqueeze.engine.payloads import UpdatePlan
+    from fedsqueeze.engine.plan import PLAIN_DOWNLINK
+
+    torch.set_num_threads(1)
+    model = task.new_model(seed=SEED)
+    layout = build(cfg.algorithm).layout(model)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    big_task.local_steps(model, task.clients[0].train.x, task.clients[0].train.y, steps, BATCH, LR, SEED)
+    delta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    gen = torch.Generator().manual_seed(SEED)
+
+    def median_s(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def encoded(plan: UpdatePlan, v: torch.Tensor) -> dict[str, bytes]:
+        return plan.encode(plan.compress(v, gen))
+
+    def decoded(plan: UpdatePlan, data: dict[str, bytes]) -> torch.Tensor:
+        return plan.decompress([wire.decode(data[g.key], g.numel) for g in plan.groups])
+
+    uplink, downlink = UpdatePlan.uplink(layout, cfg), UpdatePlan.downlink(layout, cfg)
+    # a compressed broadcast carries a difference of models: the delta stands in for it
+    sent = delta if cfg.downlink != NO_DOWNLINK else start
+    broadcast = encoded(downlink, sent)
+    up = median_s(lambda: encoded(uplink, delta))
+    down_encode = median_s(lambda: encoded(downlink, sent))
+    down_decode = median_s(lambda: decoded(downlink, broadcast))
+    per_client_down = cfg.downlink != NO_DOWNLINK and cfg.downlink_feedback != PLAIN_DOWNLINK
+    return {
+        "uplink_s": up,
+        "broadcast_encode_s": down_encode,
+        "broadcast_decode_s": down_decode,
+        "per_client_s": up + (down_decode if per_client_down else 0.0),
+        "per_round_s": down_encode + (0.0 if per_client_down else down_decode),
+    }
+
+
 def clone_seconds(d: int, repeats: int = 21) -> float:
     """Median seconds of one `clone()` of a d-float32 vector into fresh memory, as every new d-vector
     of a round is: the copies are kept until the end, so the allocator cannot hand one's pages to
@@ -155,6 +218,11 @@ def clone_seconds(d: int, repeats: int = 21) -> float:
         kept.append(v.clone())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def floor_ratio(plain_s: float, cohort: int, floor: dict[str, float]) -> float:
+    """The smallest round / plain that a round doing the codec's serial work could reach."""
+    return (plain_s + cohort * floor["per_client_s"] + floor["per_round_s"]) / plain_s
 
 
 def after_first(values: list[float]) -> float:
@@ -204,6 +272,7 @@ def worker(spec: dict) -> dict:  # type: ignore[type-arg]
     plain = plain_rounds(task, cohort, spec["rounds"], spec["steps"])
     round_s, plain_s = after_first(walls), after_first(plain)
     fw = (round_s - plain_s) / cohort
+    floor = codec_floor(cfg, task, spec["steps"])
     return {
         "name": spec["name"],
         "keys": spec["keys"],
@@ -220,6 +289,8 @@ def worker(spec: dict) -> dict:  # type: ignore[type-arg]
         "fw_s_per_client_round": fw,
         "clone_s": clone,
         "clones": fw / clone,
+        "codec": floor,
+        "floor_ratio": floor_ratio(plain_s, cohort, floor),
         "peak_rss_mb": rss,
         "round_walls_s": walls,
         "plain_rounds_s": plain,
@@ -301,8 +372,10 @@ def pooled(runs: list[dict]) -> dict:  # type: ignore[type-arg]
     plain_s = statistics.median(p for r in runs for p in r["plain_rounds_s"][1:])
     clone = statistics.median(r["clone_s"] for r in runs)
     fw = (round_s - plain_s) / runs[0]["cohort"]
+    codec = {key: statistics.median(r["codec"][key] for r in runs) for key in runs[0]["codec"]}
     return {**runs[0], "round_s": round_s, "plain_s": plain_s, "ratio": round_s / plain_s,
             "fw_s_per_client_round": fw, "clone_s": clone, "clones": fw / clone,
+            "codec": codec, "floor_ratio": floor_ratio(plain_s, runs[0]["cohort"], codec),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}  # fmt: skip
 
 
@@ -320,18 +393,19 @@ def targets(row: dict) -> str:  # type: ignore[type-arg]
     return "; ".join(notes)
 
 
-HEADER = "| config | steps | clients | plain ms | round ms | x plain | fw ms/cr | clones | peak MB | targets |"
+HEADER = ("| config | steps | clients | plain ms | round ms | x plain | fw ms/cr | clones | codec ms/cr | floor x "
+          "| peak MB | targets |")
 
 
 def table_row(row: dict) -> str:  # type: ignore[type-arg]
     if "stopped" in row:
         return (f"| `{row['name']}` | {row['steps']} | {row['clients']} | stopped: {row['stopped']} "
-                f"| | | | | > {fmt(row['peak_rss_mb'], 0)} | |")  # fmt: skip
+                f"| | | | | | | > {fmt(row['peak_rss_mb'], 0)} | |")  # fmt: skip
     clients = f"{row['cohort']}/{row['clients']}" if row["cohort"] != row["clients"] else str(row["clients"])
     cells = [
         f"`{row['name']}`", str(row["steps"]), clients, fmt(row["plain_s"] * 1e3), fmt(row["round_s"] * 1e3),
         fmt(row["ratio"], 2), fmt(row["fw_s_per_client_round"] * 1e3), fmt(row["clones"]),
-        fmt(row["peak_rss_mb"], 0), targets(row),
+        fmt(row["codec"]["per_client_s"] * 1e3), fmt(row["floor_ratio"], 2), fmt(row["peak_rss_mb"], 0), targets(row),
     ]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 
