@@ -105,6 +105,23 @@ def with_state(
     return result
 
 
+def read_ahead(msg: Message, context: Context) -> None:
+    """Start reading the state file that a train message's call will load (fedsqueeze.deploy.state's
+    read-ahead: the in-process backend calls this for the next message while a call runs). Only a
+    hint: a message it cannot read this from is left to its call, which reports what is wrong."""
+    if msg.metadata.message_type != "train" or protocol.CONFIG not in msg.content:
+        return
+    try:
+        config = dict(msg.content[protocol.CONFIG])
+        server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[call-overload]
+        run, pid = run_identity(config, context), partition_id(context)
+        store = store_for(context.node_config, run, _config(context).to_run_config(), pid)
+    except (KeyError, TypeError, ValueError):
+        return
+    if store is not None:
+        store.read_ahead(before_round=server_round)
+
+
 # ---- secure aggregation: the four stages of a secure round (fedsqueeze.engine.secure) ---------------
 
 #: this node's secagg session (the round's secret keys, seed and shares) in context.state: it never leaves

@@ -28,6 +28,13 @@ checkpoint (through the in-process grid's `flush`, so that the checkpoint never 
 clients' files), and every `load` for its own file before it reads. A write's error is raised by the
 next `flush`. It is off wherever a client's files must be on disk when it replies
 (devices, Flower's simulation engine, whose clients live in other processes).
+
+Read-ahead (with write-behind on): `read_ahead` reads a client's file on the same background thread
+while the client before it trains, so that the next call's `load` finds its state in memory. The
+thread runs in order, so the read comes after every write handed over before it; a write handed
+over after it (`save_behind`, `save`) drops it. At most `READ_AHEAD_LIMIT` read states wait at a
+time, the oldest going first. A read that fails is raised by the `load` that takes it, as the
+`load` would have raised it itself.
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ VERSION = 2
 #: of the state per read and per write
 _CHECK = 4
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+#: read-ahead states kept waiting for their `load` at most (each can be as large as the model)
+READ_AHEAD_LIMIT = 2
 
 
 class StateError(RuntimeError):
@@ -116,6 +127,11 @@ class StateStore:
         The file the rotation discards (the previous state, or a temporary file a crash left) is
         written over in place: its pages are in the page cache already, where a new file would take
         fresh ones (page faults and zeroing, the size of the state, on every write)."""
+        with _behind.lock:
+            _behind.ahead.pop(self.path, None)  # a read-ahead of this file would be stale
+        self._write(tensors, server_round)
+
+    def _write(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
         rotate = self.path.exists() and _round_of(self.path) < server_round
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         if rotate and self.previous_path.exists():
@@ -174,12 +190,32 @@ class StateStore:
             self.save(tensors, server_round)
             return
         with _behind.lock:  # one thread, in order: a later write of this file lands after an earlier one
-            _behind.pending[self.path] = _behind.pool.submit(self.save, tensors, server_round)
+            _behind.ahead.pop(self.path, None)  # read before this write: stale once it lands
+            _behind.pending[self.path] = _behind.pool.submit(self._write, tensors, server_round)
+
+    def read_ahead(self, before_round: int | None = None) -> None:
+        """Start `load(before_round)` on the write-behind thread, for a `load` to come (see the module
+        docstring); nothing without write-behind."""
+        with _behind.lock:
+            if _behind.pool is None:
+                return
+            _behind.ahead.pop(self.path, None)
+            read = _behind.pool.submit(self._read_newest, before_round)
+            _behind.ahead[self.path] = (self.identity, before_round, read)
+            while len(_behind.ahead) > READ_AHEAD_LIMIT:
+                _behind.ahead.pop(next(iter(_behind.ahead)))
 
     def load(self, before_round: int | None = None) -> LoadedState | None:
         """The newest state written before round `before_round` (any round if None), or None if there
         is none; StateError if a file is corrupted or belongs to another run/partition/config."""
-        flush(self.path)
+        flush(self.path)  # a failed write of this file is raised here, read ahead or not
+        with _behind.lock:
+            ahead = _behind.ahead.pop(self.path, None)
+        if ahead is not None and ahead[:2] == (self.identity, before_round):
+            return ahead[2].result()
+        return self._read_newest(before_round)
+
+    def _read_newest(self, before_round: int | None) -> LoadedState | None:
         for path in (self.path, self.previous_path):
             if not path.exists():
                 continue
@@ -194,6 +230,9 @@ class _WriteBehind:
         self.pool: ThreadPoolExecutor | None = None
         #: the last write handed over for each state file, until someone waits for it
         self.pending: dict[Path, Future[None]] = {}
+        #: read-ahead: for each state file, the reader's identity, the `load` argument and the read,
+        #: oldest first
+        self.ahead: dict[Path, tuple[StateIdentity, int | None, Future[LoadedState | None]]] = {}
         self.lock = threading.Lock()
 
 
@@ -209,6 +248,7 @@ def write_behind(enabled: bool) -> None:
         elif not enabled and _behind.pool is not None:
             _behind.pool.shutdown(wait=True)
             _behind.pool = None
+            _behind.ahead.clear()
 
 
 def flush(path: Path | None = None) -> None:

@@ -72,6 +72,9 @@ class InProcessGrid(Grid):
     num_nodes: nodes (partition ids 0..num_nodes-1, unless `node_configs` says otherwise).
     run_config: the run_config every node's Context carries.
     node_configs: optional per-node node_config (defaults: partition-id, num-partitions).
+    read_ahead: optional `read_ahead(message, context)`, called with the next message of a batch and
+    its node's Context while the call before it runs (fedsqueeze.client.app.read_ahead starts reading
+    the state file that the next call will load); a hint, which must not change what a call does.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class InProcessGrid(Grid):
         seed: int = 0,
         observer: Callable[[str, dict[str, Any]], None] | None = None,
         client_threads: int | None = None,
+        read_ahead: Callable[[Message, Context], None] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -117,6 +121,7 @@ class InProcessGrid(Grid):
         self.client_threads = client_threads
         #: a progress callback a ServerApp may call as `grid.observer(event, data)` (not part of Flower's Grid)
         self.observer = observer
+        self.read_ahead = read_ahead
 
     # ---- Grid API ------------------------------------------------------------------------
     def set_run(self, run: Run | int) -> None:
@@ -161,8 +166,9 @@ class InProcessGrid(Grid):
     def stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """`send_and_receive`, one reply at a time as each call ends (not part of Flower's Grid): a
         server that takes each reply in before the next call holds one reply, not the cohort's."""
-        for msg in messages:
-            mid = self._deliver(msg, timeout)
+        batch = list(messages)
+        for msg, upcoming in zip(batch, [*batch[1:], None], strict=True):
+            mid = self._deliver(msg, timeout, upcoming)
             if mid is not None:
                 yield from self.pull_messages([mid])
 
@@ -189,24 +195,26 @@ class InProcessGrid(Grid):
         return str(uuid.UUID(int=(self._run.run_id << 64) | self._counter))
 
     def _deliver_all(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
-        ids = [self._deliver(msg, timeout) for msg in messages]
+        batch = list(messages)
+        ids = [self._deliver(msg, timeout, upcoming) for msg, upcoming in zip(batch, [*batch[1:], None], strict=True)]
         return [mid for mid in ids if mid is not None]
 
-    def _deliver(self, msg: Message, timeout: float | None) -> str | None:
-        """Run the call of one message; its reply waits for `pull_messages`. None: not stored."""
+    def _deliver(self, msg: Message, timeout: float | None, upcoming: Message | None = None) -> str | None:
+        """Run the call of one message (and the read-ahead for `upcoming`, the next one, beside it);
+        its reply waits for `pull_messages`. None: not stored."""
         msg.metadata.__dict__["_message_id"] = self._next_id()
         _check_instruction(msg)
         node = self._nodes.get(msg.metadata.dst_node_id)
         if node is None:  # as the SuperLink: a message to an unknown node is not stored
             log.error("message to unknown node %d dropped", msg.metadata.dst_node_id)
             return None
-        reply = self._call(node, msg, timeout)
+        reply = self._call(node, msg, timeout, upcoming)
         if reply is not None:
             reply.metadata.__dict__["_message_id"] = self._next_id()
             self._replies[msg.metadata.message_id] = reply
         return msg.metadata.message_id
 
-    def _call(self, node: _Node, msg: Message, timeout: float | None) -> Message | None:
+    def _call(self, node: _Node, msg: Message, timeout: float | None, upcoming: Message | None) -> Message | None:
         if node.busy is not None:
             if not node.busy.idle():
                 log.warning("node %d is still running an abandoned call: no reply this time", node.node_id)
@@ -231,6 +239,10 @@ class InProcessGrid(Grid):
         if self._worker is None or not self._worker.idle():
             self._worker = _Worker.get()
         done = self._worker.submit(work)
+        if self.read_ahead is not None and upcoming is not None:
+            following = self._nodes.get(upcoming.metadata.dst_node_id)
+            if following is not None and following.busy is None:
+                self.read_ahead(upcoming, following.context)
         try:
             finished = done.wait(None if timeout is None else max(timeout, 0.0))
         except KeyboardInterrupt:
@@ -375,6 +387,7 @@ def run_inprocess(
     node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
     observer: Callable[[str, dict[str, Any]], None] | None = None,
     client_threads: int | None = None,
+    read_ahead: Callable[[Message, Context], None] | None = None,
 ) -> tuple[InProcessGrid, Context]:
     """Run a ServerApp against `num_nodes` in-process ClientApp nodes; returns the grid and server Context."""
     grid = InProcessGrid(
@@ -386,6 +399,7 @@ def run_inprocess(
         seed=seed,
         observer=observer,
         client_threads=client_threads,
+        read_ahead=read_ahead,
     )
     context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config or {}))
     app = _load_server_app(server_app)

@@ -117,6 +117,7 @@ CLIENT_THREADS = 1
 def run_inprocess(
     cfg: Config, observer: Observer | None = None, client_threads: int | None = CLIENT_THREADS
 ) -> SimulationResult:
+    from fedsqueeze.client.app import read_ahead
     from fedsqueeze.deploy import state as client_state
     from fedsqueeze.tracking import read_metrics
 
@@ -136,6 +137,7 @@ def run_inprocess(
 
     t0 = time.perf_counter()
     # the clients live in this process, so their state files may be written behind their replies
+    # and read ahead of their calls
     client_state.write_behind(True)
     try:
         grid, _ = run_apps(
@@ -146,6 +148,7 @@ def run_inprocess(
             seed=cfg.seed,
             observer=watch,
             client_threads=client_threads,
+            read_ahead=read_ahead,
         )
     finally:
         client_state.write_behind(False)
