@@ -200,6 +200,78 @@ def test_a_failed_write_behind_is_raised_by_the_next_flush(tmp_path, behind):
     behind.flush()  # reported once
 
 
+def _corrupt(store):
+    store.path.write_bytes(store.path.read_bytes()[:-1] + b"\x00")
+
+
+def _barrier(tmp_path, behind):
+    """Return once every read and write handed to the write-behind thread so far is done (it runs them
+    in order)."""
+    StateStore(tmp_path / "barrier", IDENT).save_behind({"b": torch.zeros(1)}, server_round=1)
+    behind.flush()
+
+
+def test_a_read_ahead_serves_the_next_load_of_its_file(tmp_path, behind):
+    store = StateStore(tmp_path, IDENT)
+    store.save({"g": torch.full((1000,), 3.0)}, server_round=1)
+    store.read_ahead(before_round=2)
+    _barrier(tmp_path, behind)
+    _corrupt(store)  # the file changes after the read (no client does that): the load takes the read state
+    loaded = store.load(before_round=2)
+    assert loaded.server_round == 1 and torch.equal(loaded.tensors["g"], torch.full((1000,), 3.0))
+    with pytest.raises(StateError, match="corrupted"):  # taken once: the next load reads the file
+        store.load(before_round=2)
+
+
+def test_a_read_ahead_is_dropped_by_a_later_write_another_reader_or_another_round(tmp_path, behind):
+    store = StateStore(tmp_path, IDENT)
+    store.save({"g": torch.full((4,), 1.0)}, server_round=1)
+    store.read_ahead(before_round=3)
+    store.save_behind({"g": torch.full((4,), 2.0)}, server_round=2)  # handed over after the read
+    assert torch.equal(store.load(before_round=3).tensors["g"], torch.full((4,), 2.0))
+    store.read_ahead(before_round=3)
+    _barrier(tmp_path, behind)
+    store.save({"g": torch.full((4,), 5.0)}, server_round=2)  # round 2 again, written now
+    assert torch.equal(store.load(before_round=3).tensors["g"], torch.full((4,), 5.0))
+    # a read for another round, or by a reader of another identity (the same file), is not used
+    for reader, before in ((store, None), (StateStore(tmp_path, StateIdentity(7, 1, "other")), 3)):
+        reader.read_ahead(before_round=before)
+        _barrier(tmp_path, behind)
+        _corrupt(store)
+        with pytest.raises(StateError, match="corrupted"):
+            store.load(before_round=3)
+        store.save({"g": torch.full((4,), 5.0)}, server_round=2)
+
+
+def test_a_failed_read_ahead_is_raised_by_its_load_and_at_most_two_wait(tmp_path, behind):
+    stores = [StateStore(tmp_path, StateIdentity(7, pid, "abc")) for pid in range(3)]
+    for store in stores:
+        store.save({"g": torch.full((4,), float(store.identity.partition_id))}, server_round=1)
+    _corrupt(stores[0])
+    stores[0].read_ahead(before_round=2)
+    with pytest.raises(StateError, match="corrupted"):
+        stores[0].load(before_round=2)
+    stores[0].save({"g": torch.zeros(4)}, server_round=1)
+    for store in stores:  # three reads ahead: the oldest is dropped
+        store.read_ahead(before_round=2)
+    _barrier(tmp_path, behind)
+    for store in stores:
+        _corrupt(store)
+    with pytest.raises(StateError, match="corrupted"):
+        stores[0].load(before_round=2)
+    for store in stores[1:]:
+        assert store.load(before_round=2).tensors["g"][0] == store.identity.partition_id
+
+
+def test_without_write_behind_a_read_ahead_does_nothing(tmp_path):
+    store = StateStore(tmp_path, IDENT)
+    store.save({"g": torch.ones(2)}, server_round=1)
+    store.read_ahead(before_round=2)
+    _corrupt(store)
+    with pytest.raises(StateError, match="corrupted"):
+        store.load(before_round=2)
+
+
 def test_store_only_with_state_dir(tmp_path):
     assert store_for({"partition-id": 0}, 1, {}, 0) is None
     assert store_for({"state-dir": ""}, 1, {}, 0) is None
@@ -284,3 +356,53 @@ def test_corrupted_state_gives_an_error_reply_and_is_not_used(tmp_path, caplog, 
     assert [r["clients_failed"] for r in rows] == [1, 1]  # partition 0 fails every round, loudly
     assert "corrupted" in caplog.text
     assert store.path.read_bytes()[-1:] == b"\x00"  # never overwritten by a fresh state
+
+
+def test_states_read_ahead_of_their_calls_change_nothing_in_a_run(tmp_path, fixed_run_uid, monkeypatch):
+    """In-process, the grid reads the next call's state file while a call runs: the same rows and
+    the same state files as a run that reads each file in its own call."""
+    from fedsqueeze.client.app import read_ahead
+    from fedsqueeze.deploy import state
+
+    seen, readers = [], []
+    real_read = StateStore._read_newest
+
+    def read(self, before_round):  # which thread reads the files
+        readers.append(threading.current_thread().name.split("_")[0])
+        return real_read(self, before_round)
+
+    monkeypatch.setattr(StateStore, "_read_newest", read)
+
+    def recording(msg, context):
+        if msg.metadata.message_type == "train":
+            seen.append((context.node_config["partition-id"], dict(msg.content["config"])["server-round"]))
+        read_ahead(msg, context)
+
+    runs = {}
+    for name, hook in (("plain", None), ("ahead", recording)):
+        cfg = resolve(overrides=["num-clients=3", "rounds=3", "local-steps=2", "compressor=topk(0.1)",
+                                 "feedback=ef21", f"out-dir={tmp_path}", f"name={name}"])  # fmt: skip
+        state_dir = tmp_path / f"state-{name}"
+        readers.clear()
+        state.write_behind(True)
+        try:
+            nodes = [{"partition-id": i, "state-dir": str(state_dir)} for i in range(3)]
+            run_inprocess("fedsqueeze.server.app:app", "fedsqueeze.client.app:app", cfg.num_clients,
+                          cfg.to_run_config(), seed=cfg.seed, read_ahead=hook, node_configs=nodes)  # fmt: skip
+        finally:
+            state.write_behind(False)
+        runs[f"{name} readers"] = sorted(readers)
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if r]
+        digest = config_digest(cfg.to_run_config())
+        files = [StateStore(state_dir, StateIdentity(fixed_run_uid, pid, digest)).load() for pid in range(3)]
+        runs[name] = ([{k: v for k, v in r.items() if k != "wall_s"} for r in rows], files)
+    (rows, files), (rows_ahead, files_ahead) = runs["plain"], runs["ahead"]
+    assert rows == rows_ahead and len(rows) == 3
+    for a, b in zip(files, files_ahead, strict=True):
+        assert a.server_round == b.server_round == 3 and a.tensors.keys() == b.tensors.keys()
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    # each round's calls after the first were read ahead, in order (every client is sampled), and
+    # their calls read no file: the first client's call reads its own
+    assert seen == [(pid, rnd) for rnd in (1, 2, 3) for pid in (1, 2)]
+    assert runs["plain readers"] == ["fedsqueeze-clientapp"] * 9
+    assert runs["ahead readers"] == ["fedsqueeze-clientapp"] * 3 + ["fedsqueeze-state"] * 6

@@ -127,11 +127,8 @@ class StateStore:
         The file the rotation discards (the previous state, or a temporary file a crash left) is
         written over in place: its pages are in the page cache already, where a new file would take
         fresh ones (page faults and zeroing, the size of the state, on every write)."""
-        with _behind.lock:
-            _behind.ahead.pop(self.path, None)  # a read-ahead of this file would be stale
-        self._write(tensors, server_round)
-
-    def _write(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
+        with _behind.lock:  # a read of this file ahead of its load would be stale once this lands
+            _behind.ahead.pop(self.path, None)
         rotate = self.path.exists() and _round_of(self.path) < server_round
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         if rotate and self.previous_path.exists():
@@ -191,7 +188,7 @@ class StateStore:
             return
         with _behind.lock:  # one thread, in order: a later write of this file lands after an earlier one
             _behind.ahead.pop(self.path, None)  # read before this write: stale once it lands
-            _behind.pending[self.path] = _behind.pool.submit(self._write, tensors, server_round)
+            _behind.pending[self.path] = _behind.pool.submit(self.save, tensors, server_round)
 
     def read_ahead(self, before_round: int | None = None) -> None:
         """Start `load(before_round)` on the write-behind thread, for a `load` to come (see the module
