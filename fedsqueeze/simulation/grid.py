@@ -166,8 +166,7 @@ class InProcessGrid(Grid):
     def stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """`send_and_receive`, one reply at a time as each call ends (not part of Flower's Grid): a
         server that takes each reply in before the next call holds one reply, not the cohort's."""
-        batch = list(messages)
-        for msg, upcoming in zip(batch, [*batch[1:], None], strict=True):
+        for msg, upcoming in _with_next(messages):
             mid = self._deliver(msg, timeout, upcoming)
             if mid is not None:
                 yield from self.pull_messages([mid])
@@ -195,8 +194,7 @@ class InProcessGrid(Grid):
         return str(uuid.UUID(int=(self._run.run_id << 64) | self._counter))
 
     def _deliver_all(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
-        batch = list(messages)
-        ids = [self._deliver(msg, timeout, upcoming) for msg, upcoming in zip(batch, [*batch[1:], None], strict=True)]
+        ids = [self._deliver(msg, timeout, upcoming) for msg, upcoming in _with_next(messages)]
         return [mid for mid in ids if mid is not None]
 
     def _deliver(self, msg: Message, timeout: float | None, upcoming: Message | None = None) -> str | None:
@@ -276,6 +274,13 @@ class InProcessGrid(Grid):
             return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
         node.context = context
         return _copy_message(reply)
+
+
+def _with_next(messages: Iterable[Message]) -> Iterator[tuple[Message, Message | None]]:
+    """Each message with the one after it (None for the last)."""
+    batch = list(messages)
+    for i, msg in enumerate(batch):
+        yield msg, batch[i + 1] if i + 1 < len(batch) else None
 
 
 class _Worker:
