@@ -167,9 +167,10 @@ def codec_cost(cfg, task, steps: int, repeats: int = 5) -> dict[str, float]:  # 
     torch.set_num_threads(1)
     model = task.new_model(seed=SEED)
     layout = build(cfg.algorithm).layout(model)
-    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = torch.nn.utils.parameters_to_vector
+    start = flat(model.parameters()).detach()
     big_task.local_steps(model, task.clients[0].train.x, task.clients[0].train.y, steps, BATCH, LR, SEED)
-    delta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    delta = flat(model.parameters()).detach() - start
     gen = torch.Generator().manual_seed(SEED)
 
     def median_s(fn) -> float:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedsqueeze.config import Config, with_data_path
-from fedsqueeze.deploy.state import store_for
+from fedsqueeze.deploy.state import StateStore, store_for
 from fedsqueeze.engine import protocol, secure
 from fedsqueeze.engine.client import client_half
 
@@ -82,10 +82,8 @@ def with_state(
     context: Context, config: dict[str, object], pid: int, work: Callable[[dict[str, torch.Tensor]], T]
 ) -> T:
     """`work(state)` on this client's state, loaded before and kept after (context.state or state-dir)."""
-    client = client_half(_config(context))
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[call-overload]
-    # the digest is of the resolved config, so it does not depend on how Flower typed the values
-    store = store_for(context.node_config, run_identity(config, context), client.cfg.to_run_config(), pid)
+    store = state_store(context, config, pid)
     if store is None:
         state = load_state(context)
     else:
@@ -105,6 +103,12 @@ def with_state(
     return result
 
 
+def state_store(context: Context, config: dict[str, object], pid: int) -> StateStore | None:
+    """The file this client's state lives in (state-dir), or None (context.state)."""
+    # the digest is of the resolved config, so it does not depend on how Flower typed the values
+    return store_for(context.node_config, run_identity(config, context), _config(context).to_run_config(), pid)
+
+
 def read_ahead(msg: Message, context: Context) -> None:
     """Start reading the state file that a train message's call will load (fedsqueeze.deploy.state's
     read-ahead: the in-process backend calls this for the next message while a call runs). Only a
@@ -114,8 +118,7 @@ def read_ahead(msg: Message, context: Context) -> None:
     try:
         config = dict(msg.content[protocol.CONFIG])
         server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[call-overload]
-        run, pid = run_identity(config, context), partition_id(context)
-        store = store_for(context.node_config, run, _config(context).to_run_config(), pid)
+        store = state_store(context, config, partition_id(context))
     except (KeyError, TypeError, ValueError):
         return
     if store is not None:

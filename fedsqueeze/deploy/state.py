@@ -31,8 +31,9 @@ next `flush`. It is off wherever a client's files must be on disk when it replie
 
 Read-ahead (with write-behind on): `read_ahead` reads a client's file on the same background thread
 while the client before it trains, so that the next call's `load` finds its state in memory. The
-thread runs in order, so the read comes after every write handed over before it; a write handed
-over after it (`save_behind`, `save`) drops it. At most `READ_AHEAD_LIMIT` read states wait at a
+thread runs in order, so the read comes after every write handed over before it; a write of the
+file (`save_behind` when it is handed over, `save` when it runs) drops a read that waits, and the
+`load` then reads the file itself. At most `READ_AHEAD_LIMIT` read states wait at a
 time, the oldest going first. A read that fails is raised by the `load` that takes it, as the
 `load` would have raised it itself.
 """
